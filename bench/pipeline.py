@@ -1,0 +1,127 @@
+"""Pipeline throughput: imgfleet's worker against a naive loop, same corpus, same run.
+
+The project side publishes the demo corpus to the local broker and runs a worker until the
+queue drains (fetch over loopback HTTP, decode pool, dynamic batches, segments, acks). The
+baseline is a plain loop over the same URLs: fetch, Pillow open + convert + resize, and the
+same model, called one batch at a time with no overlap between stages.
+
+    python bench/pipeline.py [--quick] [--json] [--items N]
+
+The last line with --json is one JSON object; ``ratio`` is project images/s ÷ baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import load_settings
+from common.logging import configure_logging
+from imgfleet.demo import demo_settings
+from imgfleet.demo_corpus import make_corpus
+from imgfleet.image_server import ImageServer
+from imgfleet.wiring import make_broker, make_embedder, run_worker
+from producers.catalogue import CatalogueItem, read_catalogue
+from producers.publish import publish_catalogue
+
+
+def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    done = 0
+    pending: list[np.ndarray] = []
+    for entry in read_catalogue(catalogue):
+        if not isinstance(entry, CatalogueItem):
+            continue
+        for url in entry.image_urls:
+            try:
+                with urllib.request.urlopen(url, timeout=30) as resp:
+                    data = resp.read()
+                img = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224))
+            except Exception:
+                continue
+            pending.append(np.asarray(img))
+            if len(pending) >= batch_size:
+                embedder.embed(np.stack(pending))
+                done += len(pending)
+                pending = []
+    if pending:
+        embedder.embed(np.stack(pending))
+        done += len(pending)
+    return done, time.perf_counter() - t0
+
+
+async def project_run(settings, catalogue: Path) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    broker = make_broker(settings)
+    await broker.connect()
+    report = await publish_catalogue(broker, catalogue, run_id="bench")
+    await broker.close()
+    t0 = time.perf_counter()
+    stats = await run_worker(
+        settings, worker_id="bench", until_idle=True, progress_total=report.jobs
+    )
+    return stats.indexed, time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small corpus, done in ~1 minute")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--items", type=int, default=None)
+    parser.add_argument("--baseline-batch", type=int, default=32)
+    args = parser.parse_args()
+    n_items = args.items or (120 if args.quick else 400)
+    configure_logging("console", "warning")
+
+    with tempfile.TemporaryDirectory(prefix="imgfleet-bench-") as tmp:
+        workdir = Path(tmp)
+        corpus = make_corpus(workdir / "corpus", n_items, seed=1)
+        settings = demo_settings(load_settings(), workdir)
+        embedder = make_embedder(settings)
+        with ImageServer(corpus.root) as server:
+            catalogue = corpus.write_catalogue_jsonl(workdir / "cat.jsonl", server.base_url)
+            # Warm both paths (model first call, page cache) outside the timings.
+            embedder.embed(np.zeros((2, 224, 224, 3), np.uint8))
+            base_n, base_s = naive_loop(catalogue, embedder, args.baseline_batch)
+            proj_n, proj_s = asyncio.run(project_run(settings, catalogue))
+
+    base_rate = base_n / base_s
+    proj_rate = proj_n / proj_s
+    result = {
+        "bench": "pipeline",
+        "items": n_items,
+        "project_images": proj_n,
+        "project_s": round(proj_s, 2),
+        "project_images_per_s": round(proj_rate, 2),
+        "baseline_images": base_n,
+        "baseline_s": round(base_s, 2),
+        "baseline_images_per_s": round(base_rate, 2),
+        "baseline_batch": args.baseline_batch,
+        "ratio": round(proj_rate / base_rate, 3),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    print(f"project : {proj_n} images in {proj_s:.1f} s = {proj_rate:.1f} images/s")
+    print(f"baseline: {base_n} images in {base_s:.1f} s = {base_rate:.1f} images/s")
+    print(f"ratio   : {result['ratio']}x")
+    if args.json:
+        print(orjson.dumps(result).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

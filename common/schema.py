@@ -1,0 +1,93 @@
+"""The job message: versioned, validated on the way in and on the way out.
+
+One job is one image of one catalogue item. An item with several images becomes several
+jobs that share ``item_id`` and differ in ``image_key``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import BadMessageError, Reason
+from common.identity import image_id_for
+
+SCHEMA_VERSION = 1
+
+
+class Op(StrEnum):
+    UPSERT = "upsert"
+    DELETE = "delete"
+
+
+class Lane(StrEnum):
+    LIVE = "live"  # CMS and requeue traffic, served first
+    BULK = "bulk"  # nightly runs
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    run_id: str = "adhoc"
+    item_id: str = Field(min_length=1, max_length=512)
+    image_key: str = Field(default="0", min_length=1, max_length=512)
+    op: Op = Op.UPSERT
+    url: str | None = Field(default=None, max_length=8192)
+    version: int = Field(default=0, ge=0)
+    attempt: int = Field(default=0, ge=0)
+    lane: Lane = Lane.BULK
+    created_at_s: float = Field(default_factory=time.time)
+    etag: str | None = None
+
+    @model_validator(mode="after")
+    def _upsert_needs_url(self) -> Job:
+        if self.op is Op.UPSERT and not self.url:
+            raise ValueError("an upsert job needs a url")
+        return self
+
+    @property
+    def image_id(self) -> int:
+        return image_id_for(self.item_id, self.image_key)
+
+    def next_attempt(self) -> Job:
+        return self.model_copy(update={"attempt": self.attempt + 1})
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json"))
+
+    def log_context(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "run_id": self.run_id,
+            "item_id": self.item_id,
+            "image_id": self.image_id,
+        }
+
+
+def decode_job(body: bytes) -> Job:
+    """Parse and validate a message body; any defect is a permanent ``bad_message``."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadMessageError(f"message is not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BadMessageError("message is not a JSON object")
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BadMessageError(
+            f"schema_version {version!r} is not supported (expected {SCHEMA_VERSION})",
+            Reason.UNSUPPORTED_SCHEMA,
+        )
+    try:
+        return Job.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise BadMessageError(f"invalid job: {where}: {first['msg']}") from exc

@@ -1,0 +1,232 @@
+"""Vector segments: the durable, append-only per-shard log that workers write.
+
+A worker acks a job only once its record is in a flushed segment, so a segment object is
+written whole (``Storage.put`` is atomic) and never changed afterwards. Builds replay
+segments in key order; keys start with a zero-padded nanosecond timestamp and a per-writer
+sequence number, so lexical key order is write order.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.storage import Storage
+from index.npz import pack_arrays, unpack_arrays
+from index.routing import shard_for
+
+SEGMENT_FORMAT_VERSION = 1
+SEGMENTS_PREFIX = "segments/"
+SEGMENT_SUFFIX = ".seg"
+_MAX_IMAGE_ID = (1 << 63) - 1  # FAISS ids are signed int64
+_WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_.]+(?:-[A-Za-z0-9_.]+)*$")
+
+
+def shard_prefix(shard: int) -> str:
+    return f"{SEGMENTS_PREFIX}shard-{shard:04d}/"
+
+
+@dataclass(frozen=True)
+class VectorRecord:
+    """One upsert (``vector`` set) or delete (``vector is None``) of one image."""
+
+    image_id: int
+    item_id: str
+    version: int
+    content_hash: str
+    model_id: str
+    vector: np.ndarray | None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.image_id <= _MAX_IMAGE_ID:
+            raise ValueError(f"image_id {self.image_id} is outside [0, 2**63)")
+        if self.version < 0:
+            raise ValueError(f"version must be >= 0, got {self.version}")
+        if self.vector is None:
+            return
+        vector = np.asarray(self.vector)
+        if vector.ndim != 1 or vector.size == 0:
+            raise ValueError(f"vector must be 1-D and non-empty, got shape {vector.shape}")
+        if not np.isfinite(vector).all():
+            # A NaN vector would poison every inner-product search it takes part in.
+            raise ValueError(f"vector of image {self.image_id} has non-finite values")
+        # Stored as float16 either way; converting once here keeps the segment encoder simple.
+        object.__setattr__(self, "vector", vector.astype(np.float16, copy=False))
+
+    @property
+    def is_tombstone(self) -> bool:
+        return self.vector is None
+
+    @property
+    def dim(self) -> int | None:
+        return None if self.vector is None else int(self.vector.shape[0])
+
+
+@dataclass(frozen=True)
+class SegmentData:
+    """A decoded segment as column arrays (row ``i`` of every array is one record)."""
+
+    key: str
+    image_ids: np.ndarray  # int64 [n]
+    versions: np.ndarray  # int64 [n]
+    tombstones: np.ndarray  # bool [n]
+    vectors: np.ndarray  # float16 [n, d]; zero rows for tombstones; d == 0 if all are
+    item_ids: np.ndarray  # unicode [n]
+    content_hashes: np.ndarray  # unicode [n]
+    model_ids: np.ndarray  # unicode [n]
+
+    def __len__(self) -> int:
+        return int(self.image_ids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def records(self) -> Iterator[VectorRecord]:
+        for i in range(len(self)):
+            yield VectorRecord(
+                image_id=int(self.image_ids[i]),
+                item_id=str(self.item_ids[i]),
+                version=int(self.versions[i]),
+                content_hash=str(self.content_hashes[i]),
+                model_id=str(self.model_ids[i]),
+                vector=None if self.tombstones[i] else self.vectors[i].copy(),
+            )
+
+
+def encode_segment(records: list[VectorRecord]) -> bytes:
+    if not records:
+        raise ValueError("a segment needs at least one record")
+    dims = {r.dim for r in records if r.dim is not None}
+    if len(dims) > 1:
+        raise ValueError(f"one segment cannot mix vector dimensions, got {sorted(dims)}")
+    dim = dims.pop() if dims else 0
+    vectors = np.zeros((len(records), dim), dtype=np.float16)
+    for row, record in enumerate(records):
+        if record.vector is not None:
+            vectors[row] = record.vector
+    return pack_arrays(
+        {
+            "format_version": np.array(SEGMENT_FORMAT_VERSION, dtype=np.int64),
+            "image_id": np.array([r.image_id for r in records], dtype=np.int64),
+            "version": np.array([r.version for r in records], dtype=np.int64),
+            "tombstone": np.array([r.is_tombstone for r in records], dtype=np.bool_),
+            "vectors": vectors,
+            "item_id": np.array([r.item_id for r in records], dtype=np.str_),
+            "content_hash": np.array([r.content_hash for r in records], dtype=np.str_),
+            "model_id": np.array([r.model_id for r in records], dtype=np.str_),
+        }
+    )
+
+
+def decode_segment(key: str, data: bytes) -> SegmentData:
+    arrays = unpack_arrays(data)
+    version = int(arrays["format_version"])
+    if version != SEGMENT_FORMAT_VERSION:
+        raise ValueError(f"segment {key!r} has format version {version}, expected 1")
+    segment = SegmentData(
+        key=key,
+        image_ids=arrays["image_id"].astype(np.int64, copy=False),
+        versions=arrays["version"].astype(np.int64, copy=False),
+        tombstones=arrays["tombstone"].astype(np.bool_, copy=False),
+        vectors=arrays["vectors"].astype(np.float16, copy=False),
+        item_ids=arrays["item_id"],
+        content_hashes=arrays["content_hash"],
+        model_ids=arrays["model_id"],
+    )
+    n_rows = len(segment)
+    columns = (
+        segment.versions,
+        segment.tombstones,
+        segment.vectors,
+        segment.item_ids,
+        segment.content_hashes,
+        segment.model_ids,
+    )
+    if segment.vectors.ndim != 2 or any(col.shape[0] != n_rows for col in columns):
+        raise ValueError(f"segment {key!r} has columns of different lengths")
+    return segment
+
+
+def read_segment(storage: Storage, key: str) -> SegmentData:
+    return decode_segment(key, storage.get(key))
+
+
+def list_segments(storage: Storage, shard: int | None = None) -> list[str]:
+    """Segment keys in write order: of one shard, or of all shards (shard by shard)."""
+    prefix = SEGMENTS_PREFIX if shard is None else shard_prefix(shard)
+    return sorted(key for key in storage.list(prefix) if key.endswith(SEGMENT_SUFFIX))
+
+
+class SegmentWriter:
+    """Buffers records per shard; ``flush`` makes them durable, one segment per shard.
+
+    The caller acks the jobs behind the buffered records only after ``flush`` returns.
+    Thread-safe: decode/embed threads may ``add`` while another thread flushes.
+    """
+
+    def __init__(self, storage: Storage, n_shards: int, writer_id: str) -> None:
+        if n_shards < 1:
+            raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+        if not _WRITER_ID_RE.match(writer_id):
+            raise ValueError(f"writer_id {writer_id!r} must be [A-Za-z0-9_.-] (a key part)")
+        self._storage = storage
+        self._n_shards = n_shards
+        self._writer_id = writer_id
+        self._pending: dict[int, list[VectorRecord]] = {}
+        self._dims: dict[int, int] = {}
+        self._seq = 0
+        self._last_time_ns = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pending_count(self) -> int:
+        with self._lock:
+            return sum(len(records) for records in self._pending.values())
+
+    def add(self, record: VectorRecord) -> None:
+        shard = shard_for(record.image_id, self._n_shards)
+        with self._lock:
+            # Checked here, not at flush, so one bad record cannot make a whole buffer
+            # of good ones unflushable.
+            if record.dim is not None:
+                expected = self._dims.setdefault(shard, record.dim)
+                if record.dim != expected:
+                    raise ValueError(
+                        f"image {record.image_id} has dim {record.dim}, but shard {shard} "
+                        f"already buffers dim {expected}; one segment cannot mix dims"
+                    )
+            self._pending.setdefault(shard, []).append(record)
+
+    def flush(self) -> list[str]:
+        """Write every pending shard's records; return the new keys (empty if nothing).
+
+        All or nothing for the buffer: if any put fails, every record stays buffered and
+        the exception propagates. Segments already written in that attempt are written
+        again by the retry under new keys, which is harmless because replay is idempotent.
+        """
+        with self._lock:
+            if not self._pending:
+                return []
+            time_ns = max(time.time_ns(), self._last_time_ns + 1)
+            # Claimed before any put: a key is never reused, even after a failed attempt,
+            # so a key that a build has applied always names the same bytes.
+            self._last_time_ns = time_ns
+            keys: list[str] = []
+            for shard in sorted(self._pending):
+                seq = self._seq
+                self._seq += 1
+                key = (
+                    f"{shard_prefix(shard)}{time_ns:020d}-{self._writer_id}-{seq:06d}"
+                    f"{SEGMENT_SUFFIX}"
+                )
+                self._storage.put(key, encode_segment(self._pending[shard]))
+                keys.append(key)
+            self._pending.clear()
+            self._dims.clear()
+            return keys

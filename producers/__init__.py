@@ -1,0 +1,1 @@
+"""Front doors that turn catalogue rows, CMS events and ops requests into jobs."""

@@ -1,0 +1,107 @@
+"""The delivery contract on the local broker: kill -9 and SIGTERM lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from common.identity import image_id_for
+from common.local_broker import LocalBroker
+from common.schema import decode_job
+from common.storage import LocalStorage
+from index.build import build_generation
+from index.search import Searcher
+from tests.integration.conftest import Fleet
+
+pytestmark = pytest.mark.integration
+
+
+def _segment_count(fleet: Fleet) -> int:
+    seg_root = fleet.store_root / "segments"
+    return sum(1 for p in seg_root.rglob("*.seg")) if seg_root.exists() else 0
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _outcomes(fleet: Fleet) -> tuple[int, list, np.ndarray]:
+    async def read() -> tuple[int, list]:
+        broker = LocalBroker(fleet.queue_path)
+        pending, dead = await broker.pending(), await broker.dead_letters(10**6)
+        await broker.close()
+        return pending, dead
+
+    pending, dead = asyncio.run(read())
+    storage = LocalStorage(fleet.store_root)
+    build_generation(storage, 4)
+    return pending, dead, Searcher(storage).image_ids()
+
+
+def _assert_every_job_once(fleet: Fleet, jobs: int) -> None:
+    pending, dead, ids = _outcomes(fleet)
+    assert pending == 0
+    assert len(ids) == len(set(ids.tolist())), "an image is in the index more than once"
+    dead_keys = Counter((decode_job(d.body).item_id, decode_job(d.body).image_key) for d in dead)
+    assert all(n == 1 for n in dead_keys.values()), "a job was dead-lettered twice"
+    assert len(ids) + len(dead) == jobs
+    expected_failures = fleet.corpus.expected_failures()
+    indexed = set(ids.tolist())
+    for item in fleet.corpus.items:
+        for image in item.images:
+            key = f"{item.item_id}/{image.image_key}"
+            if key not in expected_failures:
+                assert image_id_for(item.item_id, image.image_key) in indexed, key
+
+
+def test_kill9_mid_run_then_restart_loses_nothing(fleet: Fleet) -> None:
+    out = fleet.run("produce", "catalogue", str(fleet.catalogue), "--json")
+    jobs = int(json.loads(out.strip().splitlines()[-1])["jobs"])
+    worker = fleet.spawn("work", "--worker-id", "victim")
+    try:
+        _wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+    pending_after_kill, _, _ = _outcomes(fleet)
+    assert pending_after_kill > 0, "the worker finished before it was killed"
+    fleet.run("work", "--until-idle", "--worker-id", "survivor")
+    _assert_every_job_once(fleet, jobs)
+
+
+def test_sigterm_drains_within_deadline_and_restart_completes(fleet: Fleet) -> None:
+    out = fleet.run("produce", "catalogue", str(fleet.catalogue), "--json")
+    jobs = int(json.loads(out.strip().splitlines()[-1])["jobs"])
+    worker = fleet.spawn(
+        "work", "--worker-id", "graceful", IMGFLEET_WORKER__SHUTDOWN_DEADLINE_S="10"
+    )
+    try:
+        _wait_for(lambda: _segment_count(fleet) >= 1, 120, "the first segment")
+        t0 = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(30)
+        drain_s = time.monotonic() - t0
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+    log = worker.stdout.read().decode() if worker.stdout else ""
+    assert code == 0, log[-3000:]
+    assert drain_s < 15
+    assert "stop requested" in log
+    # Nothing is left leased: whatever was not finished went back to the queue at once.
+    fleet.run("work", "--until-idle", "--worker-id", "second", timeout_s=120)
+    _assert_every_job_once(fleet, jobs)

@@ -1,0 +1,1 @@
+"""The worker pipeline: consume, fetch, decode, batch, embed, write segments, ack."""
