@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import multiprocessing
 import os
 import platform
 import sys
@@ -22,24 +23,47 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.config import load_settings
-from common.logging import configure_logging
-from imgfleet.demo import demo_settings
-from imgfleet.demo_corpus import make_corpus
-from imgfleet.image_server import ImageServer
-from imgfleet.wiring import make_broker, make_embedder, run_worker
-from producers.catalogue import CatalogueItem, read_catalogue
-from producers.publish import publish_catalogue
+# Project imports live inside functions: the decode pool spawns processes that re-import
+# this module, and they must not pay for torch.
+
+
+def _serve_images(root: str, port_q: Any, stop: Any) -> None:
+    from imgfleet.image_server import ImageServer
+
+    with ImageServer(Path(root)) as server:
+        port_q.put(server.base_url)
+        stop.wait()
+
+
+class OriginProcess:
+    """The image server in its own process, like a CDN: it must not share our GIL."""
+
+    def __init__(self, root: Path) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._q = ctx.Queue()
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=_serve_images, args=(str(root), self._q, self._stop))
+
+    def __enter__(self) -> str:
+        self._proc.start()
+        return str(self._q.get(timeout=60))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._proc.join(10)
 
 
 def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:  # type: ignore[no-untyped-def]
     from PIL import Image
+
+    from producers.catalogue import CatalogueItem, read_catalogue
 
     t0 = time.perf_counter()
     done = 0
@@ -66,6 +90,9 @@ def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:
 
 
 async def project_run(settings, catalogue: Path) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    from imgfleet.wiring import make_broker, run_worker
+    from producers.publish import publish_catalogue
+
     broker = make_broker(settings)
     await broker.connect()
     report = await publish_catalogue(broker, catalogue, run_id="bench")
@@ -84,16 +111,22 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--baseline-batch", type=int, default=32)
     args = parser.parse_args()
-    n_items = args.items or (120 if args.quick else 400)
-    configure_logging("console", "warning")
+    from common.config import load_settings
+    from common.logging import configure_logging
+    from imgfleet.demo import demo_settings
+    from imgfleet.demo_corpus import make_corpus
+    from imgfleet.wiring import make_embedder
+
+    n_items = args.items or (250 if args.quick else 1000)
+    configure_logging("console", os.environ.get("BENCH_LOG_LEVEL", "warning"))
 
     with tempfile.TemporaryDirectory(prefix="imgfleet-bench-") as tmp:
         workdir = Path(tmp)
         corpus = make_corpus(workdir / "corpus", n_items, seed=1)
         settings = demo_settings(load_settings(), workdir)
         embedder = make_embedder(settings)
-        with ImageServer(corpus.root) as server:
-            catalogue = corpus.write_catalogue_jsonl(workdir / "cat.jsonl", server.base_url)
+        with OriginProcess(corpus.root) as base_url:
+            catalogue = corpus.write_catalogue_jsonl(workdir / "cat.jsonl", base_url)
             # Warm both paths (model first call, page cache) outside the timings.
             embedder.embed(np.zeros((2, 224, 224, 3), np.uint8))
             base_n, base_s = naive_loop(catalogue, embedder, args.baseline_batch)

@@ -31,10 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="TOML configuration file")
-    parser.add_argument("--log-format", choices=["console", "json"], help="log line format")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_global_options(parser, argparse.SUPPRESS)
+    # The same options after the subcommand too (`imgfleet demo --log-level warning`).
+    shared = argparse.ArgumentParser(add_help=False)
+    _add_global_options(shared, argparse.SUPPRESS)
+    sub = _SharedOptionsSubparsers(
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), shared
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -92,8 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--config", default=default, help="TOML configuration file")
+    parser.add_argument(
+        "--log-format", choices=["console", "json"], default=default, help="log line format"
+    )
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=default
+    )
+
+
+class _SharedOptionsSubparsers:
+    """Wraps ``add_subparsers`` so every (nested) subcommand accepts the global options."""
+
+    def __init__(self, action: Any, shared: argparse.ArgumentParser) -> None:
+        self._action = action
+        self._shared = shared
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("parents", [self._shared])
+        parser: argparse.ArgumentParser = self._action.add_parser(name, **kwargs)
+        original = parser.add_subparsers
+
+        def add_subparsers(**sub_kwargs: Any) -> Any:
+            return _SharedOptionsSubparsers(original(**sub_kwargs), self._shared)
+
+        parser.add_subparsers = add_subparsers  # type: ignore[method-assign]
+        return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in ("config", "log_format", "log_level"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

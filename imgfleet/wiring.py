@@ -99,13 +99,16 @@ async def run_worker(
     await broker.connect()
     storage = make_storage(settings)
     writer = SegmentWriter(storage, settings.index.n_shards, worker_id)
-    embedder = embedder or make_embedder(settings)
     pool = DecodePool(
         decode_processes(settings),
         max_pixels=settings.worker.max_pixels,
         recover_truncated=True,
     )
     try:
+        # Decode processes start while the model loads; both take seconds.
+        warm = asyncio.create_task(pool.warm_up())
+        embedder = embedder or await asyncio.to_thread(make_embedder, settings)
+        await warm
         async with make_fetcher(settings) as fetcher:
             worker = Worker(
                 broker,

@@ -15,6 +15,7 @@ import asyncio
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -31,6 +32,12 @@ T = TypeVar("T")
 def _crash_for_test() -> None:
     """Kill the worker process the way a native decoder crash would (no cleanup)."""
     os._exit(1)
+
+
+def _ready() -> bool:
+    # Held long enough that each warm-up call lands on a different process.
+    time.sleep(0.05)
+    return True
 
 
 class DecodePool:
@@ -126,6 +133,12 @@ class DecodePool:
             self._executor = self._new_executor()
             self.restarts += 1
         return self._executor
+
+    async def warm_up(self) -> None:
+        """Start every process now (imports take seconds) instead of on the first jobs."""
+        await asyncio.gather(
+            *(asyncio.wrap_future(self._submit_raw(_ready)) for _ in range(self.processes))
+        )
 
     def close(self) -> None:
         with self._lock:

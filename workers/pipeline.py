@@ -286,7 +286,12 @@ class Worker:
         while True:
             await asyncio.sleep(min(interval_s / 4, 0.5))
             oldest = self._oldest_unflushed_s
-            if oldest is not None and time.monotonic() - oldest >= interval_s:
+            if oldest is None:
+                continue
+            # Flush at once when everything in flight only waits for the flush (a drained
+            # queue, a CMS trickle): waiting out the interval would only delay the acks.
+            only_waiting = len(self._unflushed) >= len(self._in_flight)
+            if only_waiting or time.monotonic() - oldest >= interval_s:
                 await self._flush()
 
     async def _flush(self) -> None:
