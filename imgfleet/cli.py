@@ -66,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build and inspect the FAISS index")
     index_sub = index.add_subparsers(dest="action", required=True, metavar="ACTION")
-    index_sub.add_parser("build", help="build a new generation from all segments")
-    index_sub.add_parser("status", help="show the current generation")
+    for action, text in (
+        ("build", "build a new generation from all segments and publish it"),
+        ("status", "show the current generation"),
+    ):
+        index_sub.add_parser(action, help=text).add_argument("--json", action="store_true")
 
     search = sub.add_parser("search", help="search the current index generation")
     target = search.add_mutually_exclusive_group(required=True)
@@ -243,13 +246,27 @@ def _cmd_index(args: argparse.Namespace, settings: Settings) -> int:
     storage = make_storage(settings)
     if args.action == "build":
         info = build_generation(storage, settings.index.n_shards)
-        print(info)
-        return 0
-    manifest = load_manifest(storage)
-    if manifest is None:
-        print("no index generation has been published yet")
-        return 1
-    print(manifest.model_dump_json(indent=2) if hasattr(manifest, "model_dump_json") else manifest)
+    else:
+        manifest = load_manifest(storage)
+        if manifest is None:
+            print("no index generation has been published yet", file=sys.stderr)
+            return 1
+        info = manifest.current()
+    summary = {
+        "generation": info.generation,
+        "n_shards": info.n_shards,
+        "dim": info.dim,
+        "model_id": info.model_id,
+        "vectors": sum(info.vector_counts),
+        "vectors_per_shard": info.vector_counts,
+        "segments_applied": len(info.segments_applied),
+        "created_at_s": round(info.created_at_s, 3),
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        for key, value in summary.items():
+            print(f"{key:<18}{value}")
     return 0
 
 
