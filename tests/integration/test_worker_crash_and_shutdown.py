@@ -105,3 +105,23 @@ def test_sigterm_drains_within_deadline_and_restart_completes(fleet: Fleet) -> N
     # Nothing is left leased: whatever was not finished went back to the queue at once.
     fleet.run("work", "--until-idle", "--worker-id", "second", timeout_s=120)
     _assert_every_job_once(fleet, jobs)
+
+
+def test_two_workers_share_one_queue_and_one_dies(fleet: Fleet) -> None:
+    out = fleet.run("produce", "catalogue", str(fleet.catalogue), "--json")
+    jobs = int(json.loads(out.strip().splitlines()[-1])["jobs"])
+    steady = fleet.spawn("work", "--until-idle", "--worker-id", "steady")
+    victim = fleet.spawn("work", "--worker-id", "victim")
+    try:
+        _wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(10)
+        # The survivor picks up the victim's leased jobs once their visibility times out.
+        code = steady.wait(180)
+    finally:
+        for proc in (steady, victim):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    log = steady.stdout.read().decode() if steady.stdout else ""
+    assert code == 0, log[-3000:]
+    _assert_every_job_once(fleet, jobs)
