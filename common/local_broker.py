@@ -161,22 +161,21 @@ class LocalBroker:
                 "ORDER BY visible_at LIMIT ?",
                 (lane, now, limit - len(rows)),
             ).fetchall()
-        deliveries = []
-        for seq, body, previous_deliveries in rows:
-            token = uuid.uuid4().hex
-            conn.execute(
-                "UPDATE jobs SET visible_at = ?, lease_token = ?, deliveries = deliveries + 1 "
-                "WHERE seq = ?",
-                (now + self.visibility_timeout_s, token, seq),
+        until = now + self.visibility_timeout_s
+        deliveries = [
+            Delivery(
+                body=bytes(body),
+                delivery_id=str(seq),
+                token=uuid.uuid4().hex,
+                redelivered=previous_deliveries > 0,
             )
-            deliveries.append(
-                Delivery(
-                    body=bytes(body),
-                    delivery_id=str(seq),
-                    token=token,
-                    redelivered=previous_deliveries > 0,
-                )
-            )
+            for seq, body, previous_deliveries in rows
+        ]
+        conn.executemany(
+            "UPDATE jobs SET visible_at = ?, lease_token = ?, deliveries = deliveries + 1 "
+            "WHERE seq = ?",
+            [(until, d.token, int(d.delivery_id)) for d in deliveries],
+        )
         return deliveries
 
     async def _extend_leases_forever(self) -> None:

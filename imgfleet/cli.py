@@ -31,15 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_global_options(parser, argparse.SUPPRESS)
-    # The same options after the subcommand too (`imgfleet demo --log-level warning`).
-    shared = argparse.ArgumentParser(add_help=False)
-    _add_global_options(shared, argparse.SUPPRESS)
-    sub = _SharedOptionsSubparsers(
-        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), shared
-    )
+    _add_global_options(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser(
+    demo = _subcommand(
+        sub,
         "demo",
         help="run the whole pipeline on a synthetic catalogue (no servers needed)",
         description="Generate a synthetic catalogue, serve it over loopback HTTP, publish it "
@@ -50,48 +46,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON last")
 
-    produce = sub.add_parser("produce", help="publish jobs")
+    produce = _subcommand(sub, "produce", help="publish jobs")
     produce_sub = produce.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    cat = produce_sub.add_parser("catalogue", help="publish a JSONL or CSV catalogue file")
+    cat = _subcommand(produce_sub, "catalogue", help="publish a JSONL or CSV catalogue file")
     cat.add_argument("path", type=Path)
     cat.add_argument("--run-id", default=None, help="run id (default: generated)")
     cat.add_argument("--lane", choices=["bulk", "live"], default="bulk")
     cat.add_argument("--rejects", type=Path, help="append rejected rows (JSONL) here")
     cat.add_argument("--json", action="store_true")
 
-    work = sub.add_parser("work", help="run a worker until SIGTERM")
+    work = _subcommand(sub, "work", help="run a worker until SIGTERM")
     work.add_argument("--worker-id", default=None, help="default: HOST-PID")
     work.add_argument("--until-idle", action="store_true", help="exit once the queue is drained")
     work.add_argument("--json", action="store_true", help="print final stats as JSON")
 
-    index = sub.add_parser("index", help="build and inspect the FAISS index")
+    index = _subcommand(sub, "index", help="build and inspect the FAISS index")
     index_sub = index.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (
         ("build", "build a new generation from all segments and publish it"),
         ("status", "show the current generation"),
     ):
-        index_sub.add_parser(action, help=text).add_argument("--json", action="store_true")
+        _subcommand(index_sub, action, help=text).add_argument("--json", action="store_true")
 
-    search = sub.add_parser("search", help="search the current index generation")
+    search = _subcommand(sub, "search", help="search the current index generation")
     target = search.add_mutually_exclusive_group(required=True)
     target.add_argument("--item", help="find items similar to this item id")
     target.add_argument("--image", help="find items similar to this image (path or URL)")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--json", action="store_true")
 
-    inspect = sub.add_parser(
-        "inspect", help="fetch and decode images and report why each one works or fails"
+    inspect = _subcommand(
+        sub, "inspect", help="fetch and decode images and report why each one works or fails"
     )
     inspect.add_argument("inputs", nargs="+", metavar="URL|FILE")
     inspect.add_argument("--json", action="store_true", help="one JSON object per input")
 
-    config = sub.add_parser("config", help="configuration")
+    config = _subcommand(sub, "config", help="configuration")
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
-    config_sub.add_parser("show", help="print the effective configuration, secrets masked")
+    _subcommand(config_sub, "show", help="print the effective configuration, secrets masked")
 
-    dlq = sub.add_parser("dlq", help="dead-lettered jobs")
+    dlq = _subcommand(sub, "dlq", help="dead-lettered jobs")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dlq_list = dlq_sub.add_parser("list", help="dead-lettered jobs by reason")
+    dlq_list = _subcommand(dlq_sub, "list", help="dead-lettered jobs by reason")
     dlq_list.add_argument("--reason", help="only this reason code")
     dlq_list.add_argument("--limit", type=int, default=50)
     dlq_list.add_argument("--json", action="store_true")
@@ -108,30 +104,19 @@ def _add_global_options(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
-class _SharedOptionsSubparsers:
-    """Wraps ``add_subparsers`` so every (nested) subcommand accepts the global options."""
+def _subcommand(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand that also takes the global options (`imgfleet demo --log-level warning`).
 
-    def __init__(self, action: Any, shared: argparse.ArgumentParser) -> None:
-        self._action = action
-        self._shared = shared
-
-    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        kwargs.setdefault("parents", [self._shared])
-        parser: argparse.ArgumentParser = self._action.add_parser(name, **kwargs)
-        original = parser.add_subparsers
-
-        def add_subparsers(**sub_kwargs: Any) -> Any:
-            return _SharedOptionsSubparsers(original(**sub_kwargs), self._shared)
-
-        parser.add_subparsers = add_subparsers  # type: ignore[method-assign]
-        return parser
+    Their default is SUPPRESS there, so an option given before the subcommand is not reset.
+    """
+    shared = argparse.ArgumentParser(add_help=False)
+    _add_global_options(shared, argparse.SUPPRESS)
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, parents=[shared], **kwargs)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("config", "log_format", "log_level"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

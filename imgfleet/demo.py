@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from common.broker import DeadLetter
 from common.config import Settings
+from common.errors import ImgfleetError
 from common.identity import image_id_for
 from common.logging import get_logger
 from common.schema import decode_job
@@ -117,22 +119,22 @@ async def run_demo(base: Settings, workdir: Path, n_items: int, seed: int = 0) -
     summary.indexed = searcher.count()
     summary.images_per_s = summary.indexed / max(work_s, 1e-9)
     summary.dead_lettered = dict(Counter(d.reason for d in dead))
-    summary.unexpected_outcomes = _check_outcomes(corpus, searcher, dead)
+    indexed_ids = {int(i) for i in searcher.image_ids()}
+    summary.unexpected_outcomes = check_outcomes(corpus, indexed_ids, dead)
     hits, pairs = near_duplicate_top1(corpus, searcher)
     summary.near_duplicate_pairs = pairs
     summary.near_duplicate_top1 = hits / pairs if pairs else 0.0
     return summary
 
 
-def _check_outcomes(corpus: Corpus, searcher: Searcher, dead: list[Any]) -> list[str]:
-    """Compare each image's fate with what the corpus says it should be."""
+def check_outcomes(corpus: Corpus, indexed: set[int], dead: list[DeadLetter]) -> list[str]:
+    """Compare each image's fate with what the corpus says it should be (empty: all good)."""
     expected_failures = corpus.expected_failures()
-    indexed = set(int(i) for i in searcher.image_ids())
     dead_by_key: dict[str, str] = {}
     for letter in dead:
         try:
             job = decode_job(letter.body)
-        except Exception:
+        except ImgfleetError:  # a malformed body has no key to compare
             continue
         dead_by_key[f"{job.item_id}/{job.image_key}"] = letter.reason
     problems = []

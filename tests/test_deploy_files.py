@@ -157,7 +157,6 @@ def test_imgfleet_services_get_the_wiring_env(services: dict[str, dict[str, Any]
 def test_env_names_are_real_settings(
     services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("pydantic_settings")
     from common.config import Settings
 
     env = {k: _interpolate_defaults(v) for k, v in _env(services["worker"]).items()}

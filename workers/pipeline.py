@@ -64,10 +64,10 @@ class PipelineSettings:
 class WorkItem:
     delivery: Delivery
     job: Job
-    data: bytes = b""
+    data: bytes = b""  # raw bytes, held only until decoded
+    content_hash: str = ""
     pixels: np.ndarray | None = None
     recovered: bool = False
-    image_format: str = ""
 
 
 @dataclass
@@ -216,6 +216,7 @@ class Worker:
                 assert item.job.url is not None  # validated: upserts carry a url
                 result = await self.fetcher.fetch(item.job.url)
                 item.data = result.data
+                item.content_hash = content_hash(result.data)
             except Exception as exc:  # one bad image never stops the stage
                 await self._fail(item.delivery, item.job, exc)
                 continue
@@ -233,7 +234,7 @@ class Worker:
                     )
                 item.pixels = result.pixels
                 item.recovered = result.recovered
-                item.image_format = result.format
+                item.data = b""  # the compressed bytes are not needed past decode
             except Exception as exc:
                 await self._fail(item.delivery, item.job, exc)
                 continue
@@ -264,7 +265,7 @@ class Worker:
                         image_id=job.image_id,
                         item_id=job.item_id,
                         version=job.version,
-                        content_hash=content_hash(item.data) if item.data else "",
+                        content_hash=item.content_hash,
                         model_id=self.embedder.model_id,
                         vector=None if vector is None else vector.astype(np.float16),
                     )

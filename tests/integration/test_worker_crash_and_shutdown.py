@@ -12,10 +12,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from common.identity import image_id_for
 from common.local_broker import LocalBroker
 from common.schema import decode_job
 from common.storage import LocalStorage
+from imgfleet.demo import check_outcomes
 from index.build import build_generation
 from index.search import Searcher
 from tests.integration.conftest import Fleet
@@ -54,16 +54,12 @@ def _assert_every_job_once(fleet: Fleet, jobs: int) -> None:
     pending, dead, ids = _outcomes(fleet)
     assert pending == 0
     assert len(ids) == len(set(ids.tolist())), "an image is in the index more than once"
-    dead_keys = Counter((decode_job(d.body).item_id, decode_job(d.body).image_key) for d in dead)
+    dead_jobs = [decode_job(d.body) for d in dead]
+    dead_keys = Counter((job.item_id, job.image_key) for job in dead_jobs)
     assert all(n == 1 for n in dead_keys.values()), "a job was dead-lettered twice"
     assert len(ids) + len(dead) == jobs
-    expected_failures = fleet.corpus.expected_failures()
-    indexed = set(ids.tolist())
-    for item in fleet.corpus.items:
-        for image in item.images:
-            key = f"{item.item_id}/{image.image_key}"
-            if key not in expected_failures:
-                assert image_id_for(item.item_id, image.image_key) in indexed, key
+    # Every good image indexed, every broken one dead-lettered with its expected reason.
+    assert check_outcomes(fleet.corpus, set(ids.tolist()), dead) == []
 
 
 def test_kill9_mid_run_then_restart_loses_nothing(fleet: Fleet) -> None:
