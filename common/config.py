@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,15 +35,65 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RabbitMQConfig(_Section):
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    publish_window: int = Field(default=64, ge=1)  # unconfirmed messages in flight
+    jobs_per_message: int = Field(default=100, ge=1)  # several jobs in one AMQP message
+    live_prefetch: int = Field(default=16, ge=1)  # the live lane's own window
+    heartbeat_s: int = Field(default=30, ge=0)
+    consumer_timeout_s: float = Field(default=1800.0, gt=0)  # the server's; we stay far below
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class KafkaConfig(_Section):
+    partitions: int = Field(default=12, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    group_id: str = "imgfleet-workers"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    linger_ms: int = Field(default=20, ge=0)
+    batch_size_bytes: int = Field(default=256 * 1024, ge=1024)
+    # One retry topic per delay; a retry waits in the tier with the largest delay not
+    # above the backoff the pipeline asked for.
+    retry_delays_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 300.0], min_length=1)
+    live_prefetch: int = Field(default=16, ge=1)  # the live topic's own window
+    # On partition revoke, how long in-flight jobs may finish so their offsets are
+    # committed before the partition goes (what is still running is redone elsewhere).
+    revoke_wait_s: float = Field(default=5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> KafkaConfig:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        if self.revoke_wait_s * 1000 >= self.max_poll_interval_ms:
+            raise ValueError("revoke_wait_s must be below max_poll_interval_ms")
+        if any(d < 0 for d in self.retry_delays_s):
+            raise ValueError("retry_delays_s must not be negative")
+        return self
+
+
 class BrokerConfig(_Section):
     kind: Literal["local", "rabbitmq", "kafka"] = "local"
-    url: SecretStr = SecretStr("")  # amqp(s):// or kafka bootstrap; may carry credentials
+    # amqp(s)://host/vhost or kafka bootstrap "host:port,host:port"; may carry credentials,
+    # but username/password from the environment are preferred and win over the URL's.
+    url: SecretStr = SecretStr("")
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    name_prefix: str = "imgfleet"  # queue / topic / exchange names start with this
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    rabbitmq: RabbitMQConfig = RabbitMQConfig()
+    kafka: KafkaConfig = KafkaConfig()
     local_path: Path = Path("imgfleet-data/queue.sqlite3")
     visibility_timeout_s: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=5, ge=1)
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
-    prefetch: int = Field(default=256, ge=1)
+    prefetch: int = Field(default=0, ge=0)  # jobs in flight per worker; 0: the pipeline's capacity
     poll_interval_s: float = Field(default=0.2, gt=0)
 
 
@@ -47,6 +105,12 @@ class StorageConfig(_Section):
     s3_endpoint_url: str = ""
     s3_access_key_id: SecretStr = SecretStr("")
     s3_secret_access_key: SecretStr = SecretStr("")
+    s3_region: str = "us-east-1"
+    s3_max_attempts: int = Field(default=5, ge=1)  # botocore retries (standard mode)
+    s3_timeout_s: float = Field(default=60.0, gt=0)
+    # The manifest is written with If-Match / If-None-Match. An endpoint that ignores
+    # them cannot stop two index writers racing: set this false there and run one writer.
+    s3_conditional_writes: bool = True
 
 
 class WorkerConfig(_Section):
@@ -55,9 +119,23 @@ class WorkerConfig(_Section):
     read_timeout_s: float = Field(default=15.0, gt=0)
     total_timeout_s: float = Field(default=30.0, gt=0)
     max_download_bytes: int = Field(default=32 * 2**20, gt=0)
+    fetch_per_host_limit: int = Field(default=16, ge=1)  # connections to one origin
+    fetch_max_redirects: int = Field(default=5, ge=0)  # 0: redirects are not followed
+    fetch_retries: int = Field(default=1, ge=0)  # in-place, connection-level failures only
+    # SSRF guard: loopback, private, link-local and metadata addresses are refused unless
+    # listed here (IPs or CIDR networks, e.g. ["10.20.0.0/16"]).
+    fetch_allow_networks: list[str] = Field(default_factory=list)
+    allow_file_urls: bool = True  # file:// for local runs; switch off in production
+    s3_endpoint_url: str = ""  # for s3:// image URLs; empty: AWS; MinIO: http://host:9000
+    s3_region: str = ""
+    s3_access_key_id: SecretStr = SecretStr("")  # empty: boto3's own credential chain
+    s3_secret_access_key: SecretStr = SecretStr("")
+    skip_unchanged: bool = True  # conditional requests / equal hashes reuse stored vectors
     decode_processes: int = Field(default=0, ge=0)  # 0: one per core
     max_pixels: int = Field(default=50_000_000, gt=0)
     truncated_policy: Literal["index", "dead_letter"] = "index"
+    # A recovered (truncated) JPEG with less of its rows decodable is dead-lettered.
+    recovered_min_fraction: float = Field(default=0.5, ge=0, le=1)
     max_batch: int = Field(default=32, ge=1)
     max_wait_ms: float = Field(default=50.0, ge=0)
     segment_max_records: int = Field(default=512, ge=1)
@@ -68,12 +146,61 @@ class WorkerConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: str = "default"  # "default" or a TorchScript file
-    device: str = "auto"  # auto | cpu | cuda
+    # "default", a TorchScript (.pt) or ONNX (.onnx) file, local or s3://bucket/key; the
+    # card (same stem, .card.json) and the other format's twin are looked for beside it.
+    path: str = "default"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    backend: Literal["auto", "torch", "tensorrt"] = "auto"  # auto: TensorRT when usable
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"  # auto: fp16 on GPU
+    # Batch sizes the engine runs (batches are padded up to one); empty: the card's, else
+    # powers of two up to worker.max_batch on a GPU and no padding on the CPU.
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    engine_cache_dir: Path = Path("imgfleet-data/engines")  # TensorRT engines, ONNX exports
+    download_dir: Path = Path("imgfleet-data/models")  # s3:// models are cached here
+    s3_endpoint_url: str = ""  # for s3:// model paths; credentials from boto3's chain
+    s3_region: str = ""
+    instances: int = Field(default=1, ge=1, le=16)  # engine instances per GPU
+    in_flight: int = Field(default=2, ge=1, le=16)  # chunks queued per GPU instance
+    channels_last: bool = True
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    cuda_graphs: bool = False  # capture one graph per preferred batch size (PyTorch, GPU)
+    int8_calibration_dir: str = ""  # images for INT8 calibration (precision = "int8")
+    # CPU intra-op threads; 0: worker.embed_threads if set, else derived from the cores
+    # left beside the decode processes.
+    threads: int = Field(default=0, ge=0)
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _positive_sizes(cls, v: list[int]) -> list[int]:
+        if any(size < 1 for size in v):
+            raise ValueError("preferred_batch_sizes must be positive")
+        return sorted(set(v))
 
 
 class IndexConfig(_Section):
     n_shards: int = Field(default=4, ge=1, le=4096)
+    # Shard parameters (index/params.py): exact Flat up to flat_max_vectors, IVF beyond,
+    # SQ8 codes while vectors x dim bytes fit the per-shard budget, PQ otherwise.
+    flat_max_vectors: int = Field(default=50_000, ge=0)
+    memory_budget_mb: int = Field(default=4096, ge=1)  # per shard
+    recall_target: float = Field(default=0.97, gt=0, le=1)
+    eval_queries: int = Field(default=500, ge=0)  # held-back sample per shard
+    nprobe: int = Field(default=0, ge=0)  # 0: tuned per shard to recall_target
+    list_size: int = Field(default=256, ge=8)  # vectors per IVF list
+    max_train_vectors: int = Field(default=262_144, ge=1000)
+    threads: int = Field(default=0, ge=0)  # FAISS OpenMP threads; 0: one per core
+    use_gpu: bool = True  # train IVF on a GPU when faiss-gpu sees one
+    # Live apply and generations.
+    grace_s: float = Field(default=600.0, ge=0)  # max delay from a segment's key time to visible
+    apply_interval_s: float = Field(default=30.0, gt=0)
+    compact_delta_fraction: float = Field(default=0.2, gt=0)
+    retrain_fraction: float = Field(default=0.5, gt=0)
+    keep_generations: int = Field(default=3, ge=1)  # prune keeps this many newest
+    keep_days: float = Field(default=7.0, ge=0)  # ...and any younger than this
+    # Search.
+    reload_interval_s: float = Field(default=5.0, gt=0)
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(default=8088, ge=0, le=65535)
 
 
 class LoggingConfig(_Section):

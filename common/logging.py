@@ -47,4 +47,6 @@ class _StderrLogger:
 
 
 def get_logger(name: str, **context: Any) -> Any:
-    return structlog.get_logger(name).bind(**context)
+    # A lazy proxy: it takes the configuration current at each call, so module-level
+    # loggers created before configure_logging() (or a test's capture) still follow it.
+    return structlog.get_logger(name, **context)

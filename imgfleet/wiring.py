@@ -15,11 +15,31 @@ from common.local_broker import LocalBroker
 from common.logging import get_logger
 from common.storage import LocalStorage, Storage
 from index.segments import SegmentWriter
+from workers.backends import EngineOptions
 from workers.decode_pool import DecodePool
-from workers.embedder import Embedder
+from workers.embedder import Embedder, usable_cpus
 from workers.fetch import Fetcher
 from workers.model import load_model
+from workers.model_sources import resolve_model_path
 from workers.pipeline import PipelineSettings, Worker, WorkerStats
+from workers.preprocess import INPUT_SIZE
+
+
+def broker_prefetch(settings: Settings) -> int:
+    """Jobs a worker holds unsettled: what its stages can work on or queue at once.
+
+    More only waits in memory (and, on RabbitMQ, counts toward consumer_timeout); less
+    starves a stage.
+    """
+    if settings.broker.prefetch:
+        return settings.broker.prefetch
+    w = settings.worker
+    return (
+        w.fetch_concurrency
+        + 2 * decode_processes(settings)
+        + 3 * w.stage_queue_size
+        + 2 * w.max_batch
+    )
 
 
 def make_broker(settings: Settings) -> Broker:
@@ -27,18 +47,30 @@ def make_broker(settings: Settings) -> Broker:
     if b.kind == "local":
         return LocalBroker(
             b.local_path,
-            prefetch=b.prefetch,
+            prefetch=broker_prefetch(settings),
             visibility_timeout_s=b.visibility_timeout_s,
             poll_interval_s=b.poll_interval_s,
         )
-    raise ConfigError(f"broker.kind={b.kind!r} is not available in this version; use 'local'")
+    if b.kind == "rabbitmq":
+        from common.rabbitmq_broker import RabbitMQBroker
+
+        return RabbitMQBroker.from_config(b, prefetch=broker_prefetch(settings))
+    if b.kind == "kafka":
+        from common.kafka_broker import KafkaBroker
+
+        return KafkaBroker.from_config(b)
+    raise ConfigError(f"unknown broker.kind={b.kind!r}")
 
 
 def make_storage(settings: Settings) -> Storage:
     s = settings.storage
     if s.kind == "local":
         return LocalStorage(s.root)
-    raise ConfigError(f"storage.kind={s.kind!r} is not available in this version; use 'local'")
+    if s.kind == "s3":
+        from common.s3_storage import S3Storage
+
+        return S3Storage.from_config(s)
+    raise ConfigError(f"unknown storage.kind={s.kind!r}")
 
 
 def decode_processes(settings: Settings) -> int:
@@ -64,24 +96,99 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
     )
 
 
-def make_embedder(settings: Settings) -> Embedder:
+def embed_device(settings: Settings) -> str:
     device = settings.model.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    threads = settings.worker.embed_threads or None
-    return Embedder(load_model(settings.model.path), device=device, threads=threads)
+    return device
+
+
+def embed_threads(settings: Settings, device: str) -> int:
+    """Intra-op threads for the embedder: explicit settings win, else fit the machine.
+
+    On a GPU the CPU side only stages batches, so two threads are plenty. On the CPU the
+    model and the decode processes share the cores; torch's default (one thread per core)
+    oversubscribes them while decode runs, and spinning OpenMP threads steal the decoders'
+    time.
+    """
+    explicit = settings.model.threads or settings.worker.embed_threads
+    if explicit:
+        return explicit
+    cpus = usable_cpus()
+    if device.startswith("cuda"):
+        return min(2, cpus)
+    return embed_threads_for_cpu(cpus, decode_processes(settings))
+
+
+def embed_threads_for_cpu(cpus: int, decode_procs: int) -> int:
+    # Measured on 2 cores (bench/embed.py): all cores for the model is fastest end to end,
+    # because decode is the smaller share of the work; above 4 cores keep half the cores
+    # for decode, which then is the larger share.
+    if cpus <= 4:
+        return cpus
+    return max(2, cpus - min(decode_procs, cpus // 2))
+
+
+def make_embedder(settings: Settings) -> Embedder:
+    m = settings.model
+    device = embed_device(settings)
+    path = resolve_model_path(
+        m.path,
+        cache_dir=m.download_dir,
+        s3_endpoint_url=m.s3_endpoint_url,
+        s3_region=m.s3_region,
+    )
+    loaded = load_model(path)
+    if loaded.card.input_size != INPUT_SIZE:
+        get_logger("wiring").warning(
+            "model input size differs from the decode size",
+            model_input_size=loaded.card.input_size,
+            decode_size=INPUT_SIZE,
+        )
+    options = EngineOptions(
+        backend=m.backend,
+        precision=m.precision,
+        max_batch=settings.worker.max_batch,
+        preferred_batch_sizes=tuple(m.preferred_batch_sizes),
+        instances=m.instances,
+        in_flight=m.in_flight,
+        channels_last=m.channels_last,
+        compile_mode=m.compile,
+        cuda_graphs=m.cuda_graphs,
+        engine_cache_dir=str(m.engine_cache_dir),
+        int8_calibration_dir=m.int8_calibration_dir,
+    )
+    return Embedder(loaded, device=device, threads=embed_threads(settings, device), options=options)
 
 
 def make_fetcher(settings: Settings) -> Fetcher:
+    from workers.s3_fetch import S3Fetcher
+
     w = settings.worker
+    s3 = S3Fetcher(
+        endpoint_url=w.s3_endpoint_url,
+        region=w.s3_region,
+        access_key_id=w.s3_access_key_id.get_secret_value(),
+        secret_access_key=w.s3_secret_access_key.get_secret_value(),
+        connect_timeout_s=w.connect_timeout_s,
+        read_timeout_s=w.read_timeout_s,
+        max_bytes=w.max_download_bytes,
+        max_connections=w.fetch_per_host_limit,
+    )
     return Fetcher(
         connect_timeout_s=w.connect_timeout_s,
         read_timeout_s=w.read_timeout_s,
         total_timeout_s=w.total_timeout_s,
         max_bytes=w.max_download_bytes,
+        max_redirects=w.fetch_max_redirects,
+        per_host_limit=w.fetch_per_host_limit,
         total_limit=w.fetch_concurrency,
+        allow_networks=w.fetch_allow_networks,
+        retries=w.fetch_retries,
+        s3=s3,
+        allow_file_urls=w.allow_file_urls,
     )
 
 
@@ -103,7 +210,13 @@ async def run_worker(
         decode_processes(settings),
         max_pixels=settings.worker.max_pixels,
         recover_truncated=True,
+        min_decoded_fraction=settings.worker.recovered_min_fraction,
     )
+    known = None
+    if settings.worker.skip_unchanged:
+        from index.known import KnownImages
+
+        known = KnownImages(storage)
     try:
         # Decode processes start while the model loads; both take seconds.
         warm = asyncio.create_task(pool.warm_up())
@@ -119,6 +232,7 @@ async def run_worker(
                 pipeline_settings(settings),
                 worker_id=worker_id,
                 progress_total=progress_total,
+                known=known,
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):

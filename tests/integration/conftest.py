@@ -48,6 +48,7 @@ class Fleet:
                 "IMGFLEET_WORKER__SEGMENT_MAX_RECORDS": "6",
                 "IMGFLEET_WORKER__SEGMENT_FLUSH_INTERVAL_S": "0.5",
                 "IMGFLEET_WORKER__EMBED_THREADS": "1",
+                "IMGFLEET_WORKER__FETCH_ALLOW_NETWORKS": '["127.0.0.1/32"]',  # loopback server
                 "IMGFLEET_LOGGING__FORMAT": "json",
                 "PYTHONUNBUFFERED": "1",
             }

@@ -19,6 +19,7 @@ from imgfleet.demo import check_outcomes
 from index.build import build_generation
 from index.search import Searcher
 from tests.integration.conftest import Fleet
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +27,6 @@ pytestmark = pytest.mark.integration
 def _segment_count(fleet: Fleet) -> int:
     seg_root = fleet.store_root / "segments"
     return sum(1 for p in seg_root.rglob("*.seg")) if seg_root.exists() else 0
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _outcomes(fleet: Fleet) -> tuple[int, list, np.ndarray]:
@@ -67,7 +59,7 @@ def test_kill9_mid_run_then_restart_loses_nothing(fleet: Fleet) -> None:
     jobs = int(json.loads(out.strip().splitlines()[-1])["jobs"])
     worker = fleet.spawn("work", "--worker-id", "victim")
     try:
-        _wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
+        wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
     finally:
@@ -86,7 +78,7 @@ def test_sigterm_drains_within_deadline_and_restart_completes(fleet: Fleet) -> N
         "work", "--worker-id", "graceful", IMGFLEET_WORKER__SHUTDOWN_DEADLINE_S="10"
     )
     try:
-        _wait_for(lambda: _segment_count(fleet) >= 1, 120, "the first segment")
+        wait_for(lambda: _segment_count(fleet) >= 1, 120, "the first segment")
         t0 = time.monotonic()
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(30)
@@ -109,7 +101,7 @@ def test_two_workers_share_one_queue_and_one_dies(fleet: Fleet) -> None:
     steady = fleet.spawn("work", "--until-idle", "--worker-id", "steady")
     victim = fleet.spawn("work", "--worker-id", "victim")
     try:
-        _wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
+        wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(10)
         # The survivor picks up the victim's leased jobs once their visibility times out.
