@@ -12,23 +12,29 @@ The last line with --json is one JSON object; ``ratio`` is project images/s ÷ b
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import io
-import multiprocessing
-import os
-import platform
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import orjson
+# Scripts run with bench/ first on sys.path, and bench/queue.py is named like the standard
+# library's queue module: swap bench/ for the repository root before anything imports it.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [str(_BENCH_DIR.parent)] + [
+    p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR
+]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import io  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
 
 # Project imports live inside functions: the decode pool spawns processes that re-import
 # this module, and they must not pay for torch.
