@@ -70,6 +70,10 @@ def demo_settings(base: Settings, workdir: Path) -> Settings:
                 update={"kind": "local", "local_path": workdir / "queue.sqlite3"}
             ),
             "storage": base.storage.model_copy(update={"kind": "local", "root": workdir / "store"}),
+            # The demo's image server is on loopback, which the SSRF guard refuses by default.
+            "worker": base.worker.model_copy(
+                update={"fetch_allow_networks": [*base.worker.fetch_allow_networks, "127.0.0.1/32"]}
+            ),
         }
     )
 

@@ -1,9 +1,11 @@
 """A loopback HTTP server for a directory of images, with fault hooks for tests.
 
 It stands in for the catalogue's CDN in the demo, tests and benchmarks: GET and HEAD with
-Content-Length, ETag and Last-Modified, 404 for what is not there, and no log noise. Tests
-make it misbehave per path: answer with an error status for the next N requests, or answer
-slowly, and count how often each path was asked for (to check retries and caching).
+Content-Length, ETag and Last-Modified, conditional requests (If-None-Match and
+If-Modified-Since answered 304), 404 for what is not there, and no log noise. Tests make it
+misbehave per path: answer with an error status for the next N requests, answer slowly,
+drip the body a few bytes at a time, redirect (a loop, if pointed at itself), or send a
+gzip bomb; and count how often each path was asked for (to check retries and caching).
 
     with ImageServer(corpus.root) as server:
         url = server.base_url + "/images/sku-00001-0.jpg"
@@ -11,6 +13,7 @@ slowly, and count how often each path was asked for (to check retries and cachin
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import mimetypes
 import os
@@ -18,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +40,25 @@ _SHUTDOWN_JOIN_TIMEOUT_S = 5.0
 class _Failure:
     status: int
     remaining: int
+
+
+@dataclass(frozen=True)
+class _Drip:
+    chunk_bytes: int
+    interval_s: float
+
+
+@dataclass(frozen=True)
+class _Bomb:
+    body: bytes  # gzip of zeros, inflating to inflated_bytes
+    inflated_bytes: int
+
+
+def _matching(table: dict[str, Any], path: str) -> Any:
+    for suffix, value in table.items():
+        if _suffix_matches(path, suffix):
+            return value
+    return None
 
 
 def _suffix_matches(path: str, suffix: str) -> bool:
@@ -86,15 +108,31 @@ class _Handler(BaseHTTPRequestHandler):
         if status is not None:
             self._send_plain(status, send_body)
             return
+        with owner._lock:
+            location = _matching(owner._redirects, path)
+            bomb = _matching(owner._bombs, path)
+            drip = _matching(owner._drips, path)
+        if location is not None:
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if bomb is not None:
+            self._send_bomb(bomb, send_body)
+            return
         file_path = owner._resolve(path)
         if file_path is None:
             self._send_plain(HTTPStatus.NOT_FOUND, send_body)
             return
         data = file_path.read_bytes()
         etag = '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
-        if etag in {t.strip() for t in self.headers.get("If-None-Match", "").split(",")}:
+        mtime_s = int(file_path.stat().st_mtime)
+        if self._not_modified(etag, mtime_s):
+            owner._count_not_modified()
             self.send_response(HTTPStatus.NOT_MODIFIED)
             self.send_header("ETag", etag)
+            self.send_header("Last-Modified", formatdate(mtime_s, usegmt=True))
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -103,11 +141,42 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("ETag", etag)
-        self.send_header("Last-Modified", formatdate(file_path.stat().st_mtime, usegmt=True))
+        self.send_header("Last-Modified", formatdate(mtime_s, usegmt=True))
         self.send_header("Cache-Control", "public, max-age=3600")
         self.end_headers()
-        if send_body:
+        if not send_body:
+            return
+        if drip is None:
             self.wfile.write(data)
+            return
+        for start in range(0, len(data), drip.chunk_bytes):
+            self.wfile.write(data[start : start + drip.chunk_bytes])
+            self.wfile.flush()
+            time.sleep(drip.interval_s)
+
+    def _not_modified(self, etag: str, mtime_s: int) -> bool:
+        # RFC 9110: If-None-Match wins; If-Modified-Since only counts without it.
+        if_none_match = self.headers.get("If-None-Match")
+        if if_none_match is not None:
+            tags = {t.strip() for t in if_none_match.split(",")}
+            return etag in tags or "*" in tags
+        if_modified_since = self.headers.get("If-Modified-Since")
+        if if_modified_since:
+            try:
+                since_s = parsedate_to_datetime(if_modified_since).timestamp()
+            except (TypeError, ValueError):
+                return False
+            return mtime_s <= since_s
+        return False
+
+    def _send_bomb(self, bomb: _Bomb, send_body: bool) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(bomb.body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(bomb.body)
 
     def _send_plain(self, status: int, send_body: bool) -> None:
         body = f"{status} {HTTPStatus(status).phrase}\n".encode()
@@ -127,7 +196,11 @@ class ImageServer:
         self._lock = threading.Lock()
         self._failures: dict[str, _Failure] = {}
         self._delays_s: dict[str, float] = {}
+        self._drips: dict[str, _Drip] = {}
+        self._redirects: dict[str, str] = {}
+        self._bombs: dict[str, _Bomb] = {}
         self._counts: Counter[str] = Counter()
+        self._not_modified = 0
         self._server: _QuietServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -199,10 +272,41 @@ class ImageServer:
             else:
                 self._delays_s[path_suffix] = seconds
 
+    def drip(self, path_suffix: str, chunk_bytes: int = 1, interval_s: float = 0.1) -> None:
+        """Send matching bodies ``chunk_bytes`` at a time, ``interval_s`` apart (slow origin
+        that never trips a read timeout)."""
+        if chunk_bytes <= 0 or interval_s < 0:
+            raise ValueError("chunk_bytes must be > 0 and interval_s >= 0")
+        with self._lock:
+            self._drips[path_suffix] = _Drip(chunk_bytes, interval_s)
+
+    def redirect(self, path_suffix: str, location: str) -> None:
+        """Answer matching paths with 302 to ``location`` (its own path makes a loop)."""
+        with self._lock:
+            self._redirects[path_suffix] = location
+
+    def gzip_bomb(self, path_suffix: str, inflated_bytes: int = 1 << 30) -> None:
+        """Answer matching paths with a small gzip body inflating to ``inflated_bytes``."""
+        zeros = bytes(1 << 20)
+        compressor = gzip.compress(zeros, compresslevel=9, mtime=0)
+        # A gzip file of several members is still one gzip stream to a reader.
+        members, remainder = divmod(inflated_bytes, len(zeros))
+        body = compressor * members + gzip.compress(bytes(remainder), mtime=0)
+        with self._lock:
+            self._bombs[path_suffix] = _Bomb(body, inflated_bytes)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._failures.clear()
             self._delays_s.clear()
+            self._drips.clear()
+            self._redirects.clear()
+            self._bombs.clear()
+
+    def not_modified_count(self) -> int:
+        """How many 304 answers the server has given."""
+        with self._lock:
+            return self._not_modified
 
     def request_count(self, path: str) -> int:
         """Requests (GET and HEAD, whatever the answer) whose path ends with ``path``."""
@@ -222,6 +326,10 @@ class ImageServer:
     def _count(self, path: str) -> None:
         with self._lock:
             self._counts[path] += 1
+
+    def _count_not_modified(self) -> None:
+        with self._lock:
+            self._not_modified += 1
 
     def _delay_for(self, path: str) -> float:
         with self._lock:

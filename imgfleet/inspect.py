@@ -1,6 +1,10 @@
 """`imgfleet inspect`: why is this image (not) in the index?
 
-Fetches and decodes each input exactly as a worker would and reports the outcome.
+Fetches and decodes each input exactly as a worker would (same fetcher, SSRF guard, caps,
+decode paths and truncation policy) and reports the outcome. ``--json`` prints one object
+per input with: input, status (ok / recovered / failed), reason, error, format, width,
+height, bytes, path (decoder path), decoded_fraction, content_hash, etag, last_modified,
+redirects, fetch_ms, decode_ms, total_ms, and would_index (what the worker would do).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import orjson
 
 from common.config import Settings
 from common.errors import ImgfleetError
+from common.identity import content_hash
 from imgfleet.wiring import make_embedder, make_fetcher
-from workers.decode import decode_image, sniff_format
+from workers.decode import configure_decoder_threads, decode_image, sniff_format
 
 
 def _as_url(target: str) -> str:
@@ -28,6 +33,8 @@ def _as_url(target: str) -> str:
 
 async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str, Any]]:
     reports = []
+    w = settings.worker
+    configure_decoder_threads()
     async with make_fetcher(settings) as fetcher:
         for target in inputs:
             report: dict[str, Any] = {
@@ -39,33 +46,54 @@ async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str
                 "width": None,
                 "height": None,
                 "bytes": None,
+                "path": None,
+                "decoded_fraction": None,
+                "content_hash": None,
+                "etag": None,
+                "last_modified": None,
+                "redirects": None,
                 "fetch_ms": None,
                 "decode_ms": None,
+                "total_ms": None,
+                "would_index": False,
             }
             t0 = time.perf_counter()
             try:
                 fetched = await fetcher.fetch(_as_url(target))
-                report["fetch_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-                report["bytes"] = len(fetched.data)
-                report["format"] = sniff_format(fetched.data)
+                report.update(
+                    fetch_ms=round((time.perf_counter() - t0) * 1000, 2),
+                    bytes=len(fetched.data),
+                    format=sniff_format(fetched.data),
+                    content_hash=content_hash(fetched.data),
+                    etag=fetched.etag,
+                    last_modified=fetched.last_modified,
+                    redirects=fetched.redirects,
+                )
                 result = decode_image(
                     fetched.data,
-                    max_pixels=settings.worker.max_pixels,
+                    max_pixels=w.max_pixels,
                     recover_truncated=True,
+                    min_decoded_fraction=w.recovered_min_fraction,
                 )
                 report.update(
                     status="recovered" if result.recovered else "ok",
                     format=result.format,
                     width=result.width,
                     height=result.height,
+                    path=result.path,
+                    decoded_fraction=round(result.decoded_fraction, 3),
                     decode_ms=round(result.decode_ms, 2),
+                    would_index=not result.recovered or w.truncated_policy == "index",
                 )
                 if result.recovered:
                     report["reason"] = "truncated"
-                    policy = settings.worker.truncated_policy
-                    report["error"] = f"decoded the readable part; policy is {policy}"
+                    report["error"] = (
+                        f"decoded the readable part ({result.decoded_fraction:.0%} of rows); "
+                        f"worker.truncated_policy is {w.truncated_policy}"
+                    )
             except ImgfleetError as exc:
                 report.update(reason=exc.reason.value, error=exc.message)
+            report["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
             reports.append(report)
     return reports
 
@@ -77,7 +105,8 @@ def run_inspect(inputs: list[str], settings: Settings, *, as_json: bool) -> int:
             sys.stdout.write(orjson.dumps(r).decode() + "\n")
             continue
         size = f"{r['width']}x{r['height']}" if r["width"] else "-"
-        line = f"{r['status']:<10}{r['format'] or '-':<6}{size:<12}{r['input']}"
+        timing = f"{r['total_ms']:.0f} ms"
+        line = f"{r['status']:<10}{r['format'] or '-':<6}{size:<12}{timing:>8}  {r['input']}"
         if r["reason"]:
             line += f"\n          {r['reason']}: {r['error']}"
         print(line)
@@ -92,5 +121,6 @@ def embed_input(target: str, settings: Settings) -> np.ndarray:
             return (await fetcher.fetch(_as_url(target))).data
 
     data = asyncio.run(_fetch())
+    configure_decoder_threads()
     pixels = decode_image(data, max_pixels=settings.worker.max_pixels).pixels
     return make_embedder(settings).embed(pixels[np.newaxis])[0]

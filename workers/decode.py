@@ -1,12 +1,21 @@
 """CPU image decode: bytes in, a preprocessed ``size`` x ``size`` RGB array out.
 
-Every path ends in ``preprocess.resize_and_crop`` so it matches ``reference_preprocess``.
-JPEGs are decoded at a reduced DCT scale (``Image.draft``): libjpeg skips most of the IDCT
-work and the resize starts from a much smaller image. PNG, WebP, GIF, BMP and TIFF go
-through Pillow at full size; on a 1600x1200 photo-like image cv2.imdecode and
-pyvips.thumbnail_buffer were within noise of Pillow for PNG and WebP (decode dominates, and
-neither format can shrink much on load), and Pillow handles transparency, palettes and
-EXIF the same way as the reference.
+Every path ends in ``preprocess.resize_and_crop`` so it matches ``reference_preprocess``;
+``tests/workers/test_decode_paths.py`` holds each path to the reference within a stated
+tolerance. The header is always read first with Pillow (no pixel memory yet), so the pixel
+cap applies before any library allocates the image, whichever library decodes it.
+
+Path per format, chosen from measurements on a 2-core VM, 800-2000 px images, one core,
+bytes to 224x224 (images/s; naive Pillow open + convert + resize in brackets):
+
+- JPEG: Pillow ``draft`` (DCT-domain downscale). Baseline 278 (55), progressive 129 (44).
+  OpenCV ``IMREAD_REDUCED_*`` (290 / 115) and simplejpeg (295 / 115) were within noise,
+  but Pillow alone also handles CMYK / Adobe JPEGs, EXIF orientation and truncated files
+  the way the reference does, so it stays the JPEG path.
+- PNG: libvips decode (sequential) + our resize: 36 vs Pillow 27 (decode alone 60 vs 33).
+- WebP: OpenCV ``imdecode``: 66 vs Pillow 45; with alpha 27 vs 14 (compositing in Pillow).
+  Animated WebP and WebP with EXIF go to Pillow (first frame, orientation).
+- GIF, BMP, TIFF and anything a fast path refuses: Pillow.
 
 Failures are always ``ImgfleetError`` subclasses with a reason code; nothing else escapes.
 """
@@ -18,13 +27,16 @@ import threading
 import time
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+import pyvips
 from PIL import Image, ImageFile, ImageOps
 
 from common.errors import ImgfleetError, PermanentError, Reason, TransientError
 from workers.preprocess import INPUT_SIZE, resize_and_crop, to_rgb
 
 DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MIN_DECODED_FRACTION = 0.5
 
 _JPEG_EOI = b"\xff\xd9"
 _PILLOW_FORMATS = {
@@ -40,6 +52,11 @@ _BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
 # ImageFile.LOAD_TRUNCATED_IMAGES is a process-wide flag; this lock keeps two recoveries in
 # one process from racing on it (pool workers decode one image at a time anyway).
 _TRUNCATED_FLAG_LOCK = threading.Lock()
+# libjpeg fills the blocks it never received with a zero DC coefficient: mid grey.
+_JPEG_FILL_RGB = (128, 128, 128)
+# VP8X feature flags (WebP container spec): animation and EXIF need Pillow's handling.
+_VP8X_ANIMATION = 0x02
+_VP8X_EXIF = 0x08
 
 
 @dataclass
@@ -51,6 +68,15 @@ class DecodeResult:
     recovered: bool  # a truncated file whose decodable part was used
     decode_ms: float
     path: str  # which decoder path produced the pixels, e.g. "pillow-draft"
+    decoded_fraction: float = 1.0  # share of the image's rows that were really decoded
+
+
+def configure_decoder_threads() -> None:
+    """One thread per decoder: parallelism comes from the pool's processes, and native
+    thread pools in every process would only fight over the same cores."""
+    cv2.setNumThreads(1)
+    pyvips.concurrency_set(1)
+    pyvips.cache_set_max(0)  # each buffer is decoded once; caching only holds memory
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -76,8 +102,15 @@ def decode_image(
     size: int = INPUT_SIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     recover_truncated: bool = True,
+    min_decoded_fraction: float = 0.0,
+    fast_paths: bool = True,
 ) -> DecodeResult:
-    """Decode and preprocess one image; raises only ImgfleetError subclasses."""
+    """Decode and preprocess one image; raises only ImgfleetError subclasses.
+
+    ``min_decoded_fraction``: a recovered (truncated) image with less of its rows decoded
+    than this is refused as ``truncated``. ``fast_paths=False`` forces Pillow everywhere
+    (tests compare the two).
+    """
     started = time.perf_counter()
     if not data:
         raise PermanentError("zero-byte body", Reason.EMPTY)
@@ -85,7 +118,7 @@ def decode_image(
     if image_format is None:
         raise PermanentError(f"unknown magic bytes {data[:8]!r}", Reason.NOT_AN_IMAGE)
     try:
-        result = _decode(data, image_format, size, max_pixels, recover_truncated)
+        result = _decode(data, image_format, size, max_pixels, recover_truncated, fast_paths)
     except ImgfleetError:
         raise
     except Image.DecompressionBombError as exc:
@@ -94,19 +127,33 @@ def decode_image(
         # The header passed max_pixels, so this is the host running short, not the image.
         raise TransientError("out of memory while decoding", Reason.INTERNAL) from exc
     except Exception as exc:  # any other decoder failure is a property of the bytes
+        detail = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
         if _is_cut_short(data, image_format):
-            raise PermanentError(
-                f"{image_format} truncated: {type(exc).__name__}: {exc}", Reason.TRUNCATED
-            ) from exc
+            raise PermanentError(f"{image_format} truncated: {detail}", Reason.TRUNCATED) from exc
+        raise PermanentError(f"{image_format} undecodable: {detail}", Reason.UNDECODABLE) from exc
+    if result.recovered and result.decoded_fraction < min_decoded_fraction:
         raise PermanentError(
-            f"{image_format} undecodable: {type(exc).__name__}: {exc}", Reason.UNDECODABLE
-        ) from exc
+            f"{image_format} truncated: only {result.decoded_fraction:.0%} of the rows "
+            f"decodable (minimum {min_decoded_fraction:.0%})",
+            Reason.TRUNCATED,
+        )
     result.decode_ms = (time.perf_counter() - started) * 1000.0
     return result
 
 
+def probe(data: bytes, image_format: str) -> tuple[int, int]:
+    """(width, height) from the header alone; no pixel memory is allocated."""
+    with _open(data, image_format) as img:
+        return img.size
+
+
 def _decode(
-    data: bytes, image_format: str, size: int, max_pixels: int, recover_truncated: bool
+    data: bytes,
+    image_format: str,
+    size: int,
+    max_pixels: int,
+    recover_truncated: bool,
+    fast_paths: bool,
 ) -> DecodeResult:
     with _open(data, image_format) as img:
         width, height = img.size
@@ -117,6 +164,10 @@ def _decode(
             raise PermanentError(
                 f"{width}x{height} exceeds {max_pixels} pixels", Reason.TOO_MANY_PIXELS
             )
+        if fast_paths and image_format == "png" and b"eXIf" not in data:
+            return _decode_png_vips(data, width, height, size)
+        if fast_paths and image_format == "webp" and _is_simple_webp(data):
+            return _decode_webp_cv2(data, width, height, size)
         path = _prepare(img, image_format, size)
         try:
             img.load()
@@ -160,6 +211,7 @@ def _finish(
     *,
     recovered: bool,
 ) -> DecodeResult:
+    decoded_fraction = _decoded_row_fraction(img) if recovered else 1.0
     try:
         oriented = ImageOps.exif_transpose(img)
     except Exception:  # a damaged EXIF block should not lose a good image
@@ -174,7 +226,94 @@ def _finish(
         recovered=recovered,
         decode_ms=0.0,
         path=path,
+        decoded_fraction=decoded_fraction,
     )
+
+
+def _decoded_row_fraction(img: Image.Image) -> float:
+    """Share of rows above the grey fill libjpeg leaves where a baseline JPEG was cut.
+
+    A progressive JPEG cut after its first scan has every row (at lower quality), so it
+    counts as whole. A real photo whose bottom rows are exactly mid grey would be
+    under-counted; product shots are on white, so that costs little.
+    """
+    rgb = np.asarray(img.convert("RGB"))
+    filled = (rgb == np.asarray(_JPEG_FILL_RGB, np.uint8)).all(axis=(1, 2))
+    height = len(filled)
+    # argmin finds the first non-fill row counted from the bottom: the fill's height.
+    trailing = height if filled.all() else int(np.argmin(filled[::-1]))
+    return 1.0 - trailing / max(height, 1)
+
+
+def _decode_png_vips(data: bytes, width: int, height: int, size: int) -> DecodeResult:
+    # fail_on="error" turns a damaged or cut stream into an exception instead of a
+    # silently partial image.
+    img = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
+    if img.format == "ushort":
+        # The reference keeps the high byte of 16-bit samples (v >> 8), alpha included,
+        # and composites afterwards.
+        img = (img >> 8).cast("uchar")
+    elif img.format != "uchar":
+        raise PermanentError(f"png sample format {img.format} not supported", Reason.UNDECODABLE)
+    if img.hasalpha():
+        # max_alpha explicitly: after the cast above the image may still say "rgb16",
+        # and flatten would then read alpha on a 0..65535 scale.
+        img = img.flatten(background=[255] * (img.bands - 1), max_alpha=255)
+    array = np.ndarray(
+        buffer=img.write_to_memory(), dtype=np.uint8, shape=(img.height, img.width, img.bands)
+    )
+    rgb = _as_rgb(array)
+    return DecodeResult(
+        pixels=resize_and_crop(rgb, size),
+        format="png",
+        width=width,
+        height=height,
+        recovered=False,
+        decode_ms=0.0,
+        path="vips",
+    )
+
+
+def _is_simple_webp(data: bytes) -> bool:
+    chunk = data[12:16]
+    if chunk in (b"VP8 ", b"VP8L"):
+        return True
+    if chunk == b"VP8X" and len(data) > 20:
+        return not data[20] & (_VP8X_ANIMATION | _VP8X_EXIF)
+    return False
+
+
+def _decode_webp_cv2(data: bytes, width: int, height: int, size: int) -> DecodeResult:
+    # IMREAD_UNCHANGED keeps alpha and skips OpenCV's own EXIF handling (there is none here).
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError("OpenCV could not decode the WebP stream")
+    if array.ndim == 3 and array.shape[2] == 4:
+        rgba = Image.fromarray(cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA))
+        rgb = np.asarray(to_rgb(rgba), dtype=np.uint8)
+    elif array.ndim == 3:
+        rgb = np.asarray(cv2.cvtColor(array, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+    else:
+        rgb = _as_rgb(array)
+    return DecodeResult(
+        pixels=resize_and_crop(np.ascontiguousarray(rgb), size),
+        format="webp",
+        width=width,
+        height=height,
+        recovered=False,
+        decode_ms=0.0,
+        path="opencv",
+    )
+
+
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., np.newaxis]
+    if array.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+    if array.shape[2] == 3:
+        return np.ascontiguousarray(array)
+    raise PermanentError(f"unexpected band count {array.shape[2]}", Reason.UNDECODABLE)
 
 
 def _is_truncation(exc: OSError) -> bool:

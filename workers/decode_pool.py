@@ -3,6 +3,13 @@
 Decoding runs in processes, not threads: Pillow/libjpeg release the GIL only in parts, and a
 decoder crash (a segfault in a native codec) must cost one job, not the worker.
 
+Pixels come back through shared memory: the parent owns one block cut into fixed slots
+(one ``size`` x ``size`` x 3 array each); a job borrows a slot, the child writes its result
+there and returns only the small metadata, and the parent copies the slot out once and
+frees it. Pickling the array instead costs a copy into the pickle, the pipe transfer and a
+copy out. When every slot is busy (more jobs in flight than slots) a job falls back to the
+pickled return, so the pool never blocks on slots.
+
 Workers are started with "spawn" by default: the parent has torch (and CUDA) loaded, and
 forking a process with live CUDA state or foreign threads is unsafe. A spawned child
 re-imports the parent's ``__main__`` module, so the entry point must keep heavy imports
@@ -19,11 +26,20 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from functools import partial
+from multiprocessing import shared_memory
 from typing import Any, TypeVar
 
+import numpy as np
+
 from common.errors import Reason, TransientError
-from workers.decode import DEFAULT_MAX_PIXELS, DecodeResult, decode_image
+from workers.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodeResult,
+    configure_decoder_threads,
+    decode_image,
+)
 from workers.preprocess import INPUT_SIZE
 
 T = TypeVar("T")
@@ -40,6 +56,51 @@ def _ready() -> bool:
     return True
 
 
+# Shared-memory blocks this child process has attached, by name (attach once, reuse).
+_attached: dict[str, shared_memory.SharedMemory] = {}
+_EMPTY_PIXELS = np.zeros((0, 0, 3), np.uint8)
+
+
+def _decode_into_slot(
+    decode: Callable[[bytes], DecodeResult], shm_name: str, offset: int, data: bytes
+) -> DecodeResult:
+    """Child side: decode, write the pixels into the parent's slot, return metadata only."""
+    result = decode(data)
+    block = _attached.get(shm_name)
+    if block is None:
+        block = _attached[shm_name] = shared_memory.SharedMemory(name=shm_name)
+    pixels = result.pixels
+    slot = np.ndarray(pixels.shape, np.uint8, buffer=block.buf, offset=offset)
+    slot[...] = pixels
+    return replace(result, pixels=_EMPTY_PIXELS)
+
+
+class _Slots:
+    """Fixed-size slots in one shared-memory block, handed out and returned thread-safely."""
+
+    def __init__(self, count: int, slot_bytes: int) -> None:
+        self.slot_bytes = slot_bytes
+        self.block = shared_memory.SharedMemory(create=True, size=max(count * slot_bytes, 1))
+        self._free = list(range(count))
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def copy_out(self, slot: int, shape: tuple[int, int, int]) -> np.ndarray:
+        view = np.ndarray(shape, np.uint8, buffer=self.block.buf, offset=slot * self.slot_bytes)
+        return view.copy()  # the one copy: the slot is reused as soon as it is given back
+
+    def close(self) -> None:
+        self.block.close()
+        self.block.unlink()
+
+
 class DecodePool:
     def __init__(
         self,
@@ -48,7 +109,9 @@ class DecodePool:
         size: int = INPUT_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         recover_truncated: bool = True,
+        min_decoded_fraction: float = 0.0,
         start_method: str = "spawn",
+        shared_slots: int | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
@@ -58,6 +121,11 @@ class DecodePool:
         self.size = size
         self.max_pixels = max_pixels
         self.recover_truncated = recover_truncated
+        self.min_decoded_fraction = min_decoded_fraction
+        # Two in flight per process is what the pipeline submits; twice that is headroom.
+        slots = processes * 4 if shared_slots is None else shared_slots
+        self._slots = _Slots(slots, size * size * 3) if slots > 0 else None
+        self.shared_returns = 0  # results that came back through shared memory
         self._mp_context = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._closed = False
@@ -65,13 +133,17 @@ class DecodePool:
         self.restarts = 0  # how many times a dead worker forced a new executor
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.processes, mp_context=self._mp_context)
+        return ProcessPoolExecutor(
+            max_workers=self.processes,
+            mp_context=self._mp_context,
+            initializer=configure_decoder_threads,
+        )
 
     async def decode(self, data: bytes) -> DecodeResult:
-        return await asyncio.wrap_future(self._submit_raw(self._decode_args(), data))
+        return await asyncio.wrap_future(self._submit_decode(data))
 
     def decode_sync(self, data: bytes) -> DecodeResult:
-        return self._submit_raw(self._decode_args(), data).result()
+        return self._submit_decode(data).result()
 
     def _decode_args(self) -> Callable[[bytes], DecodeResult]:
         # A partial of a module-level function pickles by reference: cheap to send per job.
@@ -80,7 +152,35 @@ class DecodePool:
             size=self.size,
             max_pixels=self.max_pixels,
             recover_truncated=self.recover_truncated,
+            min_decoded_fraction=self.min_decoded_fraction,
         )
+
+    def _submit_decode(self, data: bytes) -> Future[DecodeResult]:
+        slots = self._slots
+        slot = slots.take() if slots is not None else None
+        if slots is None or slot is None:
+            return self._submit_raw(self._decode_args(), data)
+        inner = self._submit_raw(
+            _decode_into_slot, self._decode_args(), slots.block.name, slot * slots.slot_bytes, data
+        )
+        outer: Future[DecodeResult] = Future()
+        outer.set_running_or_notify_cancel()
+
+        def settle(done: Future[DecodeResult]) -> None:
+            try:
+                exc = done.exception()
+                if exc is not None:
+                    outer.set_exception(exc)
+                    return
+                meta = done.result()
+                shape = (self.size, self.size, 3)
+                outer.set_result(replace(meta, pixels=slots.copy_out(slot, shape)))
+                self.shared_returns += 1
+            finally:
+                slots.give(slot)
+
+        inner.add_done_callback(settle)
+        return outer
 
     def _submit_raw(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` in a worker; a dead worker surfaces as DECODER_CRASHED.
@@ -147,6 +247,8 @@ class DecodePool:
             self._closed = True
             executor = self._executor
         executor.shutdown(wait=True, cancel_futures=True)
+        if self._slots is not None:
+            self._slots.close()
 
     def __enter__(self) -> DecodePool:
         return self

@@ -28,10 +28,15 @@ from common.schema import Job, Op, decode_job
 from index.segments import SegmentWriter, VectorRecord
 from workers.ack_policy import classify, decide
 from workers.batcher import next_batch
+from workers.unchanged import KnownLookup, UnchangedImages
 
 
 class FetcherLike(Protocol):
-    async def fetch(self, url: str) -> Any: ...
+    # Called with etag= / last_modified= only for images the index already holds, so a
+    # fetcher that never sees known images may take just the url.
+    async def fetch(
+        self, url: str, *, etag: str | None = None, last_modified: str | None = None
+    ) -> Any: ...
 
 
 class DecoderLike(Protocol):
@@ -66,8 +71,11 @@ class WorkItem:
     job: Job
     data: bytes = b""  # raw bytes, held only until decoded
     content_hash: str = ""
+    etag: str = ""
+    last_modified: str = ""
     pixels: np.ndarray | None = None
     recovered: bool = False
+    reused_vector: np.ndarray | None = None  # unchanged image: the stored vector
 
 
 @dataclass
@@ -76,6 +84,8 @@ class WorkerStats:
     indexed: int = 0
     deleted: int = 0
     recovered: int = 0
+    unchanged: int = 0  # indexed by reusing the stored vector (no decode, no embed)
+    not_modified: int = 0  # of those, answered 304 to a conditional request
     retried: int = 0
     dead_lettered: Counter[str] = field(default_factory=Counter)
     started_s: float = field(default_factory=time.monotonic)
@@ -87,6 +97,8 @@ class WorkerStats:
             "indexed": self.indexed,
             "deleted": self.deleted,
             "recovered": self.recovered,
+            "unchanged": self.unchanged,
+            "not_modified": self.not_modified,
             "retried": self.retried,
             "dead_lettered": dict(self.dead_lettered),
             "images_per_s": round(self.indexed / elapsed_s, 2),
@@ -106,6 +118,7 @@ class Worker:
         worker_id: str = "worker",
         progress_total: int | None = None,
         on_flushed: Callable[[int], None] | None = None,
+        known: KnownLookup | None = None,
     ) -> None:
         self.broker = broker
         self.writer = writer
@@ -117,6 +130,7 @@ class Worker:
         self.stats = WorkerStats()
         self.progress = Progress(self.log, "jobs", progress_total)
         self.on_flushed = on_flushed
+        self.unchanged = UnchangedImages(known, embedder.model_id)
         size = settings.stage_queue_size
         self._fetch_q: asyncio.Queue[WorkItem] = asyncio.Queue(size)
         self._decode_q: asyncio.Queue[WorkItem] = asyncio.Queue(size)
@@ -214,11 +228,40 @@ class Worker:
             item = await self._fetch_q.get()
             try:
                 assert item.job.url is not None  # validated: upserts carry a url
-                result = await self.fetcher.fetch(item.job.url)
-                item.data = result.data
-                item.content_hash = content_hash(result.data)
+                known = await self.unchanged.lookup(item.job.image_id)
+                if known is None:
+                    result = await self.fetcher.fetch(item.job.url)
+                else:
+                    result = await self.fetcher.fetch(
+                        item.job.url,
+                        etag=known.etag or None,
+                        last_modified=known.last_modified or None,
+                    )
+                not_modified = bool(getattr(result, "not_modified", False))
+                if not_modified and known is None:
+                    raise PermanentError("HTTP 304 to an unconditional request", Reason.HTTP_4XX)
+                item.content_hash = "" if not_modified else content_hash(result.data)
+                item.etag = getattr(result, "etag", None) or ""
+                item.last_modified = getattr(result, "last_modified", None) or ""
+                reuse = self.unchanged.reuse(
+                    known,
+                    not_modified=not_modified,
+                    content_hash=item.content_hash,
+                    etag=item.etag,
+                    last_modified=item.last_modified,
+                )
+                if reuse is None:
+                    item.data = result.data
+                else:
+                    item.content_hash = reuse.content_hash
+                    item.etag, item.last_modified = reuse.etag, reuse.last_modified
+                    item.reused_vector = reuse.vector
+                    self.stats.not_modified += int(not_modified)
             except Exception as exc:  # one bad image never stops the stage
                 await self._fail(item.delivery, item.job, exc)
+                continue
+            if item.reused_vector is not None:
+                await self._write([(item, item.reused_vector)])
                 continue
             await self._decode_q.put(item)
 
@@ -268,6 +311,9 @@ class Worker:
                         content_hash=item.content_hash,
                         model_id=self.embedder.model_id,
                         vector=None if vector is None else vector.astype(np.float16),
+                        etag=item.etag,
+                        last_modified=item.last_modified,
+                        run_id=job.run_id,
                     )
                 )
                 if vector is None:
@@ -275,6 +321,7 @@ class Worker:
                 else:
                     self.stats.indexed += 1
                     self.stats.recovered += int(item.recovered)
+                    self.stats.unchanged += int(item.reused_vector is not None)
                 self._unflushed.append(item.delivery)
             if self._oldest_unflushed_s is None:
                 self._oldest_unflushed_s = time.monotonic()

@@ -31,7 +31,12 @@ def _settings(tmp_path: Path):  # type: ignore[no-untyped-def]
             "poll_interval_s": 0.02,
         },
         storage={"root": str(tmp_path / "store")},
-        worker={"decode_processes": 1, "segment_flush_interval_s": 0.3, "max_batch": 8},
+        worker={
+            "decode_processes": 1,
+            "segment_flush_interval_s": 0.3,
+            "max_batch": 8,
+            "fetch_allow_networks": ["127.0.0.1/32"],  # the loopback image server
+        },
         index={"n_shards": 2},
     )
 

@@ -18,6 +18,8 @@ from common.errors import ImgfleetError, PermanentError, Reason, TransientError
 from workers.fetch import Fetcher, FetchResult, redact_url
 
 IMAGE_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+# The SSRF guard refuses loopback by default; these tests allow their own server.
+LOOPBACK = ["127.0.0.1/32"]
 SLOW_RESPONSE_S = 2.0
 SMALL_MAX_BYTES = 1 * 2**20
 
@@ -122,6 +124,7 @@ def base_url() -> Iterator[str]:
 
 def _fetch(url: str, **fetcher_kwargs: Any) -> FetchResult:
     async def go() -> FetchResult:
+        fetcher_kwargs.setdefault("allow_networks", LOOPBACK)
         async with Fetcher(**fetcher_kwargs) as fetcher:
             return await fetcher.fetch(url)
 
@@ -242,7 +245,11 @@ def test_failures_do_not_leak_pooled_connections(base_url: str) -> None:
     # request wait for a free connection until it timed out.
     async def go() -> bytes:
         async with Fetcher(
-            per_host_limit=1, total_limit=1, total_timeout_s=3.0, max_bytes=SMALL_MAX_BYTES
+            per_host_limit=1,
+            total_limit=1,
+            total_timeout_s=3.0,
+            max_bytes=SMALL_MAX_BYTES,
+            allow_networks=LOOPBACK,
         ) as fetcher:
             for route in ["/chunked-big", "/huge-length", "/missing", "/busy", "/truncated"]:
                 with pytest.raises(ImgfleetError):
@@ -256,7 +263,7 @@ def test_failures_do_not_leak_pooled_connections(base_url: str) -> None:
 
 def test_concurrent_fetches_share_the_pool(base_url: str) -> None:
     async def go() -> list[FetchResult]:
-        async with Fetcher(per_host_limit=4) as fetcher:
+        async with Fetcher(per_host_limit=4, allow_networks=LOOPBACK) as fetcher:
             return await asyncio.gather(
                 *(fetcher.fetch(f"{base_url}/image.png?n={n}") for n in range(20))
             )

@@ -1,0 +1,105 @@
+"""A second run over a barely changed catalogue reuses stored vectors: conditional requests
+answered 304 skip decode and embedding, and the run's segments still hold every image."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.config import load_settings
+from common.local_broker import LocalBroker
+from common.schema import Job
+from common.storage import LocalStorage
+from imgfleet.image_server import ImageServer
+from imgfleet.wiring import run_worker
+from index.build import build_generation
+from index.search import Searcher
+from index.segments import list_segments, read_segment
+
+pytestmark = pytest.mark.integration
+
+N_IMAGES = 12
+
+
+def write_image(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (300, 400, 3), np.uint8)).save(path, "JPEG")
+
+
+def test_second_run_reuses_vectors_of_unchanged_images(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for n in range(N_IMAGES):
+        write_image(images / f"{n}.jpg", n)
+    settings = load_settings(
+        broker={"local_path": str(tmp_path / "q.sqlite3"), "poll_interval_s": 0.02},
+        storage={"root": str(tmp_path / "store")},
+        worker={
+            "decode_processes": 1,
+            "segment_flush_interval_s": 0.3,
+            "fetch_allow_networks": ["127.0.0.1/32"],
+        },
+        index={"n_shards": 2},
+    )
+    storage = LocalStorage(settings.storage.root)
+
+    with ImageServer(tmp_path) as server:
+
+        async def one_run(run_id: str, version: int):  # type: ignore[no-untyped-def]
+            broker = LocalBroker(settings.broker.local_path)
+            await broker.publish(
+                [
+                    Job(
+                        item_id=f"sku-{n}",
+                        url=f"{server.base_url}/images/{n}.jpg",
+                        run_id=run_id,
+                        version=version,
+                    )
+                    for n in range(N_IMAGES)
+                ]
+            )
+            await broker.close()
+            return await run_worker(settings, worker_id=run_id, until_idle=True)
+
+        first = asyncio.run(one_run("night-1", 1))
+        assert first.indexed == N_IMAGES and first.unchanged == 0
+        build_generation(storage, 2)
+        vector_before = Searcher(storage).vector_of(Job(item_id="sku-0", url="x").image_id)
+
+        write_image(images / "0.jpg", 1000)  # the one image that changed
+        server.reset_counts()
+        second = asyncio.run(one_run("night-2", 2))
+        not_modified = server.not_modified_count()
+
+    assert second.indexed == N_IMAGES
+    assert second.unchanged == N_IMAGES - 1 and second.not_modified == N_IMAGES - 1
+    assert not_modified == N_IMAGES - 1
+    records = [
+        r
+        for key in list_segments(storage)
+        for r in read_segment(storage, key).records()
+        if r.run_id == "night-2"
+    ]
+    assert len(records) == N_IMAGES  # every image of the run is in the run's segments
+    assert all(r.etag and r.last_modified and r.version == 2 for r in records)
+    build_generation(storage, 2)
+    searcher = Searcher(storage)
+    assert searcher.count() == N_IMAGES
+    vector_after = searcher.vector_of(Job(item_id="sku-0", url="x").image_id)
+    assert vector_before is not None and vector_after is not None
+    assert not np.allclose(
+        np.asarray(vector_before, np.float32), np.asarray(vector_after, np.float32)
+    )
+    # An unchanged image's new record carries exactly the vector of its first run.
+    sku5 = Job(item_id="sku-5", url="x").image_id
+    by_run = {
+        r.run_id: r.vector
+        for key in list_segments(storage)
+        for r in read_segment(storage, key).records()
+        if r.image_id == sku5
+    }
+    assert np.array_equal(by_run["night-1"], by_run["night-2"])
