@@ -1,105 +1,53 @@
-"""Embedding models: the built-in default CNN, TorchScript files, and their model cards.
+"""Embedding models: the built-in default CNN, TorchScript and ONNX files, their model cards.
 
 Every vector is stored with the model id that produced it, and vectors from different
 models must never be mixed in one index. So the model id is derived from the weights
-themselves (a hash), never from a version string someone has to remember to bump.
+themselves (a hash), never from a version string someone has to remember to bump. An
+exported pair (``foo.pt`` for PyTorch, ``foo.onnx`` for TensorRT) records one id in its
+card, so a GPU worker running the engine and a CPU worker running PyTorch agree.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
+from workers.model_card import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelCard,
+    card_path_for,
+)
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_OUTPUT_DIM",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DefaultEmbedder",
+    "LoadedModel",
+    "ModelCard",
+    "card_path_for",
+    "default_card",
+    "load_model",
+    "save_default_as_torchscript",
+    "state_dict_sha256",
+]
 
 DEFAULT_MODEL_NAME = "imgfleet-default-cnn-v1"
 DEFAULT_OUTPUT_DIM = 256
 _DEFAULT_SEED = 20_240_611
 _MODEL_ID_HASH_HEX_CHARS = 12
-_CARD_SUFFIX = ".card.json"
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What a model expects as input and produces; stored as JSON next to the model file."""
-
-    name: str
-    input_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    output_dim: int = field(kw_only=True)
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("model card: name is empty")
-        if self.input_size <= 0 or self.output_dim <= 0:
-            raise ConfigError("model card: input_size and output_dim must be positive")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError("model card: mean and std need 3 values, std positive")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelCard:
-        try:
-            return cls(
-                name=str(raw["name"]),
-                input_size=int(raw.get("input_size", 224)),
-                mean=_triple(raw.get("mean", IMAGENET_MEAN)),
-                std=_triple(raw.get("std", IMAGENET_STD)),
-                output_dim=int(raw["output_dim"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"model card is invalid: {exc!r}") from exc
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ModelCard:
-        try:
-            raw = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read model card {path}: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"model card {path} is not a JSON object")
-        return cls.from_dict(raw)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        _atomic_write(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
-
-
-def card_path_for(model_path: str | os.PathLike[str]) -> Path:
-    """`models/foo.pt` -> `models/foo.card.json`."""
-    return Path(model_path).with_suffix(_CARD_SUFFIX)
-
-
-def _triple(values: Any) -> tuple[float, float, float]:
-    a, b, c = (float(v) for v in values)
-    return (a, b, c)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A reader must never see half a file: write aside, then rename over.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+_ONNX_SUFFIX = ".onnx"
+_TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript")
 
 
 class DefaultEmbedder(nn.Module):
@@ -160,9 +108,20 @@ def _describe(features: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LoadedModel:
-    module: nn.Module
+    """A model ready for an engine: a PyTorch module, an ONNX file for TensorRT, or both."""
+
+    module: nn.Module | None
     card: ModelCard
     model_id: str
+    onnx_path: Path | None = None  # for TensorRT; None: exported on demand from module
+
+    def require_module(self) -> nn.Module:
+        if self.module is None:
+            raise ConfigError(
+                f"model {self.model_id} is ONNX only and TensorRT cannot run here; put its "
+                "TorchScript twin (same stem, .pt) next to it to run it through PyTorch"
+            )
+        return self.module
 
 
 def default_card() -> ModelCard:
@@ -179,20 +138,75 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | None) -> LoadedModel:
-    """None or "default": the built-in CNN; otherwise a TorchScript file (and its card)."""
-    if path is None or path == "default":
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read model file {path}: {exc}") from exc
+    return digest.hexdigest()
+
+
+def load_model(path: str | os.PathLike[str] | None) -> LoadedModel:
+    """None or "default": the built-in CNN; a ``.onnx`` file; otherwise TorchScript.
+
+    Each file's card (same stem, ``.card.json``) gives input size, normalisation and output
+    width. A TorchScript file's ONNX twin, and an ONNX file's TorchScript twin, are picked
+    up when present, so either backend can run the model.
+    """
+    if path is None or str(path) == "default":
         module = DefaultEmbedder()
         model_id = f"{DEFAULT_MODEL_NAME}-{state_dict_sha256(module)[:_MODEL_ID_HASH_HEX_CHARS]}"
         return LoadedModel(module=module, card=default_card(), model_id=model_id)
-    return _load_torchscript(Path(path))
+    model_path = Path(path)
+    if model_path.suffix == _ONNX_SUFFIX:
+        return _load_onnx(model_path)
+    return _load_torchscript(model_path)
+
+
+def _model_id(card: ModelCard, path: Path) -> str:
+    return card.model_id or f"{card.name}-{file_sha256(path)[:_MODEL_ID_HASH_HEX_CHARS]}"
 
 
 def _load_torchscript(path: Path) -> LoadedModel:
-    try:
-        file_bytes = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read model file {path}: {exc}") from exc
+    module = _read_torchscript(path)
+    card_path = card_path_for(path)
+    if card_path.exists():
+        card = ModelCard.load(card_path)
+    else:
+        # No card: ImageNet conventions, and ask the model itself how wide its output is.
+        card = ModelCard(path.stem, output_dim=_probe_output_dim(module, 224))
+    onnx_twin = path.with_suffix(_ONNX_SUFFIX)
+    return LoadedModel(
+        module=module,
+        card=card,
+        model_id=_model_id(card, path),
+        onnx_path=onnx_twin if onnx_twin.is_file() else None,
+    )
+
+
+def _load_onnx(path: Path) -> LoadedModel:
+    if not path.is_file():
+        raise ConfigError(f"model file {path} does not exist")
+    card_path = card_path_for(path)
+    if not card_path.exists():
+        # An ONNX graph carries no normalisation; guessing it would give wrong vectors.
+        raise ConfigError(f"ONNX model {path} needs its model card at {card_path}")
+    card = ModelCard.load(card_path)
+    module = None
+    for suffix in _TORCHSCRIPT_SUFFIXES:
+        twin = path.with_suffix(suffix)
+        if twin.is_file():
+            module = _read_torchscript(twin)
+            break
+    return LoadedModel(module=module, card=card, model_id=_model_id(card, path), onnx_path=path)
+
+
+def _read_torchscript(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise ConfigError(f"model file {path} does not exist")
     try:
         with warnings.catch_warnings():
             # TorchScript is deprecated upstream but still the format deployments ship.
@@ -201,14 +215,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"{path} is not a loadable TorchScript model: {exc}") from exc
     module.eval()
-    card_path = card_path_for(path)
-    if card_path.exists():
-        card = ModelCard.load(card_path)
-    else:
-        # No card: ImageNet conventions, and ask the model itself how wide its output is.
-        card = ModelCard(path.stem, output_dim=_probe_output_dim(module, 224))
-    file_hash = hashlib.sha256(file_bytes).hexdigest()[:_MODEL_ID_HASH_HEX_CHARS]
-    return LoadedModel(module=module, card=card, model_id=f"{card.name}-{file_hash}")
+    return module
 
 
 def _probe_output_dim(module: nn.Module, input_size: int) -> int:

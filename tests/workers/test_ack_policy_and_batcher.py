@@ -1,11 +1,8 @@
-import asyncio
 import random
-import time
 
 from common.errors import PermanentError, Reason, TransientError
 from common.retry import backoff_delay_s
 from workers.ack_policy import decide
-from workers.batcher import next_batch
 
 POLICY = {"max_attempts": 3, "retry_base_s": 1.0, "retry_max_s": 10.0}
 
@@ -32,26 +29,3 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert all(0 <= d <= 10.0 for d in delays)
     assert len(set(delays)) == len(delays)
     assert max(backoff_delay_s(0, 1.0, 10.0, rng) for _ in range(200)) <= 1.0
-
-
-def test_batch_fills_or_times_out() -> None:
-    async def scenario() -> None:
-        q: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(10):
-            q.put_nowait(i)
-        assert await next_batch(q, 4, 1.0) == [0, 1, 2, 3]
-        t0 = time.monotonic()
-        rest = await next_batch(q, 100, 0.1)
-        assert rest == [4, 5, 6, 7, 8, 9]
-        assert 0.08 <= time.monotonic() - t0 < 1.0
-
-        async def late() -> None:
-            await asyncio.sleep(0.02)
-            q.put_nowait(99)
-
-        q.put_nowait(98)
-        task = asyncio.create_task(late())
-        assert await next_batch(q, 2, 1.0) == [98, 99]
-        await task
-
-    asyncio.run(scenario())
