@@ -184,9 +184,9 @@ class IndexConfig(_Section):
     flat_max_vectors: int = Field(default=50_000, ge=0)
     memory_budget_mb: int = Field(default=4096, ge=1)  # per shard
     recall_target: float = Field(default=0.97, gt=0, le=1)
-    eval_queries: int = Field(default=500, ge=0)  # held-back sample per shard
-    nprobe: int = Field(default=0, ge=0)  # 0: tuned per shard to recall_target
-    list_size: int = Field(default=256, ge=8)  # vectors per IVF list
+    eval_queries: int = Field(default=500, ge=0)  # held-back sample, drawn across shards
+    nprobe: int = Field(default=0, ge=0)  # 0: tuned once per generation to recall_target
+    list_size: int = Field(default=256, ge=8)  # vectors per IVF list, over the generation
     max_train_vectors: int = Field(default=262_144, ge=1000)
     threads: int = Field(default=0, ge=0)  # FAISS OpenMP threads; 0: one per core
     use_gpu: bool = True  # train IVF on a GPU when faiss-gpu sees one

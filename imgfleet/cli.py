@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,7 @@ import orjson
 from common.config import Settings, load_settings, masked_dump
 from common.errors import ConfigError, ImgfleetError
 from common.logging import configure_logging
+from imgfleet.cli_index import register as register_index_commands
 
 EPILOG = """\
 configuration: a TOML file (--config or IMGFLEET_CONFIG) plus environment overrides named
@@ -60,20 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--until-idle", action="store_true", help="exit once the queue is drained")
     work.add_argument("--json", action="store_true", help="print final stats as JSON")
 
-    index = _subcommand(sub, "index", help="build and inspect the FAISS index")
-    index_sub = index.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (
-        ("build", "build a new generation from all segments and publish it"),
-        ("status", "show the current generation"),
-    ):
-        _subcommand(index_sub, action, help=text).add_argument("--json", action="store_true")
-
-    search = _subcommand(sub, "search", help="search the current index generation")
-    target = search.add_mutually_exclusive_group(required=True)
-    target.add_argument("--item", help="find items similar to this item id")
-    target.add_argument("--image", help="find items similar to this image (path or URL)")
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--json", action="store_true")
+    register_index_commands(sub, _subcommand)  # index, search, serve (imgfleet/cli_index.py)
 
     inspect = _subcommand(
         sub, "inspect", help="fetch and decode images and report why each one works or fails"
@@ -150,10 +139,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return asyncio.run(_cmd_produce(args, settings))
     if command == "work":
         return _cmd_work(args, settings)
-    if command == "index":
-        return _cmd_index(args, settings)
-    if command == "search":
-        return _cmd_search(args, settings)
+    if command in ("index", "search", "serve"):
+        from imgfleet.cli_index import dispatch
+
+        return dispatch(args, settings)
     if command == "inspect":
         from imgfleet.inspect import run_inspect
 
@@ -188,19 +177,30 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
     from common.schema import Lane
-    from imgfleet.wiring import make_broker
+    from imgfleet.wiring import make_broker, make_storage
+    from index.runs import RunInfo, write_run
     from producers.publish import publish_catalogue
+
+    run_id = args.run_id or f"run-{uuid.uuid4().hex[:12]}"
+    lane = Lane(args.lane)
+    storage = make_storage(settings)
+    started_at_s = time.time()
+
+    def register(expected_jobs: int) -> None:
+        # A bulk run is a nightly run: `index finalize --run` builds its generation once
+        # every job is accounted for. Live-lane jobs are applied live, so no run is registered.
+        if lane is Lane.BULK:
+            info = RunInfo(run_id, str(args.path), expected_jobs, started_at_s)
+            write_run(storage, info)
 
     broker = make_broker(settings)
     await broker.connect()
     try:
+        register(0)  # the start time first: workers may write segments at once
         report = await publish_catalogue(
-            broker,
-            args.path,
-            run_id=args.run_id or f"run-{uuid.uuid4().hex[:12]}",
-            lane=Lane(args.lane),
-            rejects_path=args.rejects,
+            broker, args.path, run_id=run_id, lane=lane, rejects_path=args.rejects
         )
+        register(report.jobs)
     finally:
         await broker.close()
     if args.json:
@@ -220,67 +220,6 @@ def _cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     stats = asyncio.run(run_worker(settings, worker_id=worker_id, until_idle=args.until_idle))
     if args.json:
         _print_json(stats.as_dict())
-    return 0
-
-
-def _cmd_index(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
-    from index.build import build_generation
-    from index.manifest import load_manifest
-
-    storage = make_storage(settings)
-    if args.action == "build":
-        info = build_generation(storage, settings.index.n_shards)
-    else:
-        manifest = load_manifest(storage)
-        if manifest is None:
-            print("no index generation has been published yet", file=sys.stderr)
-            return 1
-        info = manifest.current()
-    summary = {
-        "generation": info.generation,
-        "n_shards": info.n_shards,
-        "dim": info.dim,
-        "model_id": info.model_id,
-        "vectors": sum(info.vector_counts),
-        "vectors_per_shard": info.vector_counts,
-        "segments_applied": len(info.segments_applied),
-        "created_at_s": round(info.created_at_s, 3),
-    }
-    if args.json:
-        _print_json(summary)
-    else:
-        for key, value in summary.items():
-            print(f"{key:<18}{value}")
-    return 0
-
-
-def _cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    import numpy as np
-
-    from common.identity import image_id_for
-    from imgfleet.wiring import make_storage
-    from index.search import Searcher
-
-    searcher = Searcher(make_storage(settings))
-    exclude: set[str] = set()
-    if args.item:
-        vector = searcher.vector_of(image_id_for(args.item, "0"))
-        if vector is None:
-            print(f"item {args.item!r} is not in the current index generation", file=sys.stderr)
-            return 1
-        exclude = {args.item}
-    else:
-        from imgfleet.inspect import embed_input
-
-        vector = embed_input(args.image, settings)
-    query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-    hits = searcher.search(query, k=args.k, exclude_item_ids=[exclude])[0]
-    if args.json:
-        _print_json([{"item_id": h.item_id, "score": round(h.score, 5)} for h in hits])
-    else:
-        for rank, hit in enumerate(hits, start=1):
-            print(f"{rank:>3}  {hit.score:.4f}  {hit.item_id}")
     return 0
 
 

@@ -20,7 +20,9 @@ from common.storage import Storage
 from index.npz import pack_arrays, unpack_arrays
 from index.routing import shard_for
 
-SEGMENT_FORMAT_VERSION = 1
+SEGMENT_FORMAT_VERSION = 2
+# Version 1 segments lack the etag / last_modified / run_id columns; they read as "".
+_READABLE_FORMAT_VERSIONS = (1, 2)
 SEGMENTS_PREFIX = "segments/"
 SEGMENT_SUFFIX = ".seg"
 _MAX_IMAGE_ID = (1 << 63) - 1  # FAISS ids are signed int64
@@ -41,6 +43,11 @@ class VectorRecord:
     content_hash: str
     model_id: str
     vector: np.ndarray | None
+    # Source validators and the nightly run the record belongs to. Optional so older
+    # callers and older segments keep working; "" means unknown / not part of a run.
+    etag: str = ""
+    last_modified: str = ""
+    run_id: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.image_id <= _MAX_IMAGE_ID:
@@ -79,6 +86,9 @@ class SegmentData:
     item_ids: np.ndarray  # unicode [n]
     content_hashes: np.ndarray  # unicode [n]
     model_ids: np.ndarray  # unicode [n]
+    etags: np.ndarray  # unicode [n]; "" where unknown
+    last_modifieds: np.ndarray  # unicode [n]
+    run_ids: np.ndarray  # unicode [n]; "" for records outside a run
 
     def __len__(self) -> int:
         return int(self.image_ids.shape[0])
@@ -86,6 +96,10 @@ class SegmentData:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    @property
+    def written_at_ns(self) -> int:
+        return segment_time_ns(self.key)
 
     def records(self) -> Iterator[VectorRecord]:
         for i in range(len(self)):
@@ -96,6 +110,9 @@ class SegmentData:
                 content_hash=str(self.content_hashes[i]),
                 model_id=str(self.model_ids[i]),
                 vector=None if self.tombstones[i] else self.vectors[i].copy(),
+                etag=str(self.etags[i]),
+                last_modified=str(self.last_modifieds[i]),
+                run_id=str(self.run_ids[i]),
             )
 
 
@@ -120,6 +137,9 @@ def encode_segment(records: list[VectorRecord]) -> bytes:
             "item_id": np.array([r.item_id for r in records], dtype=np.str_),
             "content_hash": np.array([r.content_hash for r in records], dtype=np.str_),
             "model_id": np.array([r.model_id for r in records], dtype=np.str_),
+            "etag": np.array([r.etag for r in records], dtype=np.str_),
+            "last_modified": np.array([r.last_modified for r in records], dtype=np.str_),
+            "run_id": np.array([r.run_id for r in records], dtype=np.str_),
         }
     )
 
@@ -127,8 +147,13 @@ def encode_segment(records: list[VectorRecord]) -> bytes:
 def decode_segment(key: str, data: bytes) -> SegmentData:
     arrays = unpack_arrays(data)
     version = int(arrays["format_version"])
-    if version != SEGMENT_FORMAT_VERSION:
-        raise ValueError(f"segment {key!r} has format version {version}, expected 1")
+    if version not in _READABLE_FORMAT_VERSIONS:
+        raise ValueError(
+            f"segment {key!r} has format version {version}, expected one of "
+            f"{_READABLE_FORMAT_VERSIONS}"
+        )
+    n_rows = int(arrays["image_id"].shape[0])
+    blank = np.full(n_rows, "", dtype=np.str_)
     segment = SegmentData(
         key=key,
         image_ids=arrays["image_id"].astype(np.int64, copy=False),
@@ -138,8 +163,10 @@ def decode_segment(key: str, data: bytes) -> SegmentData:
         item_ids=arrays["item_id"],
         content_hashes=arrays["content_hash"],
         model_ids=arrays["model_id"],
+        etags=arrays.get("etag", blank),
+        last_modifieds=arrays.get("last_modified", blank),
+        run_ids=arrays.get("run_id", blank),
     )
-    n_rows = len(segment)
     columns = (
         segment.versions,
         segment.tombstones,
@@ -147,6 +174,9 @@ def decode_segment(key: str, data: bytes) -> SegmentData:
         segment.item_ids,
         segment.content_hashes,
         segment.model_ids,
+        segment.etags,
+        segment.last_modifieds,
+        segment.run_ids,
     )
     if segment.vectors.ndim != 2 or any(col.shape[0] != n_rows for col in columns):
         raise ValueError(f"segment {key!r} has columns of different lengths")
@@ -155,6 +185,21 @@ def decode_segment(key: str, data: bytes) -> SegmentData:
 
 def read_segment(storage: Storage, key: str) -> SegmentData:
     return decode_segment(key, storage.get(key))
+
+
+def segment_time_ns(key: str) -> int:
+    """The writer's flush timestamp encoded at the start of a segment key's file name."""
+    name = key.rsplit("/", 1)[-1]
+    stamp = name.split("-", 1)[0]
+    if not stamp.isdigit():
+        raise ValueError(f"segment key {key!r} does not start with a timestamp")
+    return int(stamp)
+
+
+def segment_shard(key: str) -> int:
+    """The shard directory a segment was written to (by the writer's shard count)."""
+    directory = key[len(SEGMENTS_PREFIX) :].split("/", 1)[0]
+    return int(directory.removeprefix("shard-"))
 
 
 def list_segments(storage: Storage, shard: int | None = None) -> list[str]:

@@ -97,7 +97,7 @@ def test_replaying_a_segment_changes_nothing(
     second = build_generation(storage, 3)
 
     assert second.generation == first.generation + 1
-    assert len(second.segments_applied) == 2 * len(first.segments_applied)
+    assert second.segments_applied_count == 2 * first.segments_applied_count
     assert second.vector_counts == first.vector_counts
     for shard in range(3):
         for key_of in (shard_index_key, shard_items_key):
@@ -160,8 +160,12 @@ def test_manifest_records_generation(storage: LocalStorage, make_record: RecordF
     assert manifest is not None
     assert manifest.current() == info
     assert info.generation == 1
-    assert info.segments_applied == list_segments(storage)
+    assert info.segments_applied_count == len(list_segments(storage))
+    assert all(info.is_applied(key) for key in list_segments(storage))
+    assert info.pending(list_segments(storage)) == []
     assert info.index_params["metric"] == "inner_product"
+    assert all(s.params["factory"] == "IDMap2,Flat" for s in info.shards)
+    assert all(s.recall_at_10 == 1.0 for s in info.shards if s.vectors > 1)
 
 
 class FailingShardStorage(LocalStorage):
@@ -203,14 +207,21 @@ def test_failed_build_leaves_previous_generation_serving(
     assert searcher.count() == 40
 
 
-def test_segments_of_another_shard_count_are_refused(
+def test_segments_rebuild_with_another_shard_count(
     storage: LocalStorage, make_record: RecordFactory
 ) -> None:
-    write(storage, 4, *[make_record(f"i{i}", seed=i) for i in range(20)])
-    with pytest.raises(IndexBuildError, match="different shard count"):
-        build_generation(storage, 2)
-    with pytest.raises(IndexBuildError, match="different shard count"):
-        build_generation(storage, 8)
+    records = [make_record(f"i{i}", seed=i) for i in range(40)]
+    write(storage, 4, *records)
+    write(storage, 4, make_record("i3", version=2, vector=None))
+    expected = {r.image_id for r in records} - {image_id_for("i3", "0")}
+    for n_shards in (4, 2, 8, 1):
+        info = build_generation(storage, n_shards)
+        assert info.n_shards == n_shards and info.total_vectors == 39
+        searcher = Searcher(storage)
+        assert set(searcher.image_ids().tolist()) == expected
+        target = records[7]
+        (hits,) = searcher.search(target.vector[None, :].astype(np.float32), k=1)
+        assert hits[0].item_id == "i7"
 
 
 def test_mixed_models_are_refused(storage: LocalStorage, make_record: RecordFactory) -> None:

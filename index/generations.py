@@ -1,0 +1,328 @@
+"""Operations on published generations: status, rollback, prune, recall evaluation.
+
+Rollback flips ``current_generation`` to a kept older generation (compare-and-swap, like
+every manifest write); live apply then keeps that generation current with CMS changes,
+while the rolled-back run's records stay out of it (see ``index.apply``).
+
+Prune keeps the newest ``keep_generations`` generations, any younger than ``keep_days``,
+and always the current one. It drops the others from the manifest first, then deletes
+their files, then files of kept generations that no manifest entry names any more (older
+revisions, leftovers of crashed applies and builds). Files of a generation newer than
+every manifest entry belong to a build in progress and are never touched; within a kept
+generation only revisions older than the shard's current one are removed, so an apply
+writing the next revision is safe. With ``segments=True`` it also deletes segments that
+no kept generation can need: older than every kept generation's run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from common.logging import get_logger
+from common.storage import Storage
+from index.build import ManifestConflictError
+from index.manifest import (
+    GenerationInfo,
+    Manifest,
+    key_revision,
+    load_versioned,
+    write_manifest,
+)
+from index.params import recall_at_k
+from index.routing import shards_for
+from index.runs import read_run
+from index.search import Searcher
+from index.segments import list_segments, segment_time_ns
+from index.shardfiles import merge_rows, read_base, read_delta
+
+GENERATIONS_PREFIX = "generations/"
+
+
+class GenerationError(ValueError):
+    pass
+
+
+def _update_manifest(storage: Storage, change: Any) -> Manifest:
+    """Apply ``change(manifest) -> manifest`` with compare-and-swap, retried on conflict."""
+    for _ in range(20):
+        versioned = load_versioned(storage)
+        if versioned.manifest is None:
+            raise GenerationError("no index generation has been published yet")
+        updated: Manifest = change(versioned.manifest)
+        if updated == versioned.manifest:
+            return updated
+        if write_manifest(storage, updated, versioned.token):
+            return updated
+        time.sleep(0.05)
+    raise ManifestConflictError("the manifest kept changing under us")
+
+
+def status(storage: Storage) -> dict[str, Any] | None:
+    manifest = load_versioned(storage).manifest
+    if manifest is None:
+        return None
+    return {
+        "current_generation": manifest.current_generation,
+        "serial": manifest.serial,
+        "generations": [_generation_summary(g, manifest) for g in manifest.generations],
+    }
+
+
+def _generation_summary(g: GenerationInfo, manifest: Manifest) -> dict[str, Any]:
+    return {
+        "generation": g.generation,
+        "current": g.generation == manifest.current_generation,
+        "run_id": g.run_id,
+        "created_at_s": round(g.created_at_s, 3),
+        "updated_at_s": round(g.updated_at_s, 3),
+        "n_shards": g.n_shards,
+        "dim": g.dim,
+        "model_id": g.model_id,
+        "vectors": g.total_vectors,
+        "segments_applied": g.segments_applied_count,
+        "shards": [
+            {
+                "shard": s.shard,
+                "revision": s.revision,
+                "vectors": s.vectors,
+                "factory": s.params.get("factory"),
+                "nprobe": s.params.get("nprobe"),
+                "recall_at_10": s.recall_at_10,
+                "eval_queries": s.eval_queries,
+                "delta_rows": s.delta_rows,
+                "tombstones": s.tombstones,
+            }
+            for s in g.shards
+        ],
+    }
+
+
+def rollback(storage: Storage, to_generation: int | None = None) -> int:
+    """Serve ``to_generation`` (default: the newest kept one older than current)."""
+
+    def change(manifest: Manifest) -> Manifest:
+        target = to_generation
+        if target is None:
+            older = [
+                g.generation
+                for g in manifest.generations
+                if g.generation < manifest.current_generation
+            ]
+            if not older:
+                raise GenerationError("no older generation is kept to roll back to")
+            target = max(older)
+        if not manifest.has(target):
+            kept = [g.generation for g in manifest.generations]
+            raise GenerationError(f"generation {target} is not kept (kept: {kept})")
+        return manifest.model_copy(update={"current_generation": target})
+
+    manifest = _update_manifest(storage, change)
+    get_logger("index.generations").info("rolled_back", generation=manifest.current_generation)
+    return manifest.current_generation
+
+
+@dataclass
+class PruneReport:
+    dropped_generations: list[int] = field(default_factory=list)
+    kept_generations: list[int] = field(default_factory=list)
+    deleted_files: int = 0
+    deleted_segments: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dropped_generations": self.dropped_generations,
+            "kept_generations": self.kept_generations,
+            "deleted_files": self.deleted_files,
+            "deleted_segments": self.deleted_segments,
+            "dry_run": self.dry_run,
+        }
+
+
+def _kept(manifest: Manifest, keep_generations: int, keep_days: float, now_s: float) -> set[int]:
+    newest = sorted((g.generation for g in manifest.generations), reverse=True)
+    kept = set(newest[:keep_generations]) | {manifest.current_generation}
+    kept |= {
+        g.generation for g in manifest.generations if now_s - g.created_at_s <= keep_days * 86_400
+    }
+    return kept
+
+
+def _generation_of_key(key: str) -> int | None:
+    part = key[len(GENERATIONS_PREFIX) :].split("/", 1)[0]
+    return int(part) if part.isdigit() else None
+
+
+def prune(
+    storage: Storage,
+    *,
+    keep_generations: int,
+    keep_days: float,
+    segments: bool = False,
+    dry_run: bool = False,
+    now_s: float | None = None,
+) -> PruneReport:
+    now_s = time.time() if now_s is None else now_s
+    report = PruneReport(dry_run=dry_run)
+    manifest = load_versioned(storage).manifest
+    if manifest is None:
+        return report
+    kept = _kept(manifest, keep_generations, keep_days, now_s)
+    report.dropped_generations = sorted(
+        g.generation for g in manifest.generations if g.generation not in kept
+    )
+    if not dry_run and report.dropped_generations:
+        manifest = _update_manifest(
+            storage,
+            lambda m: m.model_copy(
+                update={
+                    "generations": [
+                        g
+                        for g in m.generations
+                        if g.generation in _kept(m, keep_generations, keep_days, now_s)
+                    ]
+                }
+            ),
+        )
+    report.kept_generations = sorted(g.generation for g in manifest.generations)
+    latest = max(g.generation for g in manifest.generations)
+    by_generation = {g.generation: g for g in manifest.generations}
+
+    doomed: list[str] = []
+    for key in storage.list(GENERATIONS_PREFIX):
+        number = _generation_of_key(key)
+        if number is None or number > latest:
+            continue  # a build in progress writes generation latest + 1
+        info = by_generation.get(number)
+        if info is None or number in report.dropped_generations:
+            doomed.append(key)
+            continue
+        if key in info.files():
+            continue
+        shard = _shard_of_file(key)
+        if (
+            shard is not None
+            and shard < info.n_shards
+            and key_revision(key) < info.shards[shard].revision
+        ):
+            doomed.append(key)
+    report.deleted_files = len(doomed)
+
+    doomed_segments: list[str] = []
+    if segments:
+        doomed_segments = _unneeded_segments(storage, manifest)
+    report.deleted_segments = len(doomed_segments)
+    if not dry_run:
+        for key in [*doomed, *doomed_segments]:
+            storage.delete(key)
+    get_logger("index.generations").info("pruned", **report.as_dict())
+    return report
+
+
+def _shard_of_file(key: str) -> int | None:
+    name = key.rsplit("/", 1)[-1]
+    if not name.startswith("shard-"):
+        return None
+    digits = name[len("shard-") : len("shard-") + 4]
+    return int(digits) if digits.isdigit() else None
+
+
+def _unneeded_segments(storage: Storage, manifest: Manifest) -> list[str]:
+    """Segments older than the start of every kept generation's run (none for a generation
+    built by full replay: it may need to be rebuilt from everything)."""
+    floors = []
+    for g in manifest.generations:
+        if g.run_id is None:
+            return []
+        floors.append(min(read_run(storage, g.run_id).earliest_segment_ns, g.applied_through_ns))
+    floor_ns = min(floors)
+    return [k for k in list_segments(storage) if segment_time_ns(k) < floor_ns]
+
+
+def evaluate_generation(
+    storage: Storage,
+    *,
+    generation: int | None = None,
+    k: int = 10,
+    queries: int = 500,
+    nprobe: int | None = None,
+    seed: int = 7,
+    block_rows: int = 262_144,
+) -> dict[str, Any]:
+    """recall@k of the whole generation (fan-out and merge included) against exact search.
+
+    Queries are a sample of the generation's own live vectors; each query's own image is
+    left out of both answers. Exact search runs block by block over the float16 vectors
+    (memory-mapped), so memory stays at one block.
+    """
+    searcher = Searcher(storage, generation=generation, nprobe=nprobe)
+    info = searcher.info
+    if info is None:
+        raise GenerationError("no index generation has been published yet")
+    ids = searcher.image_ids()
+    if ids.shape[0] < 2:
+        return {"generation": info.generation, "recall_at_k": None, "k": k, "queries": 0}
+    rng = np.random.default_rng(seed)
+    query_ids = np.sort(rng.choice(ids, min(queries, ids.shape[0]), replace=False))
+    tables = []
+    for s in info.shards:
+        rows = read_base(storage, s.items_key, s.vectors_key, info.dim, load_vectors=True)
+        if s.delta_key:
+            rows = merge_rows(rows, read_delta(storage, s.delta_key, info.dim))
+        tables.append(rows)
+    query_vectors = np.zeros((query_ids.shape[0], info.dim), np.float32)
+    shard_of = shards_for(query_ids, info.n_shards)
+    for row, (image_id, shard) in enumerate(zip(query_ids, shard_of, strict=True)):
+        table = tables[int(shard)]
+        query_vectors[row] = table.vectors[table.row_of(int(image_id))]
+    faiss.normalize_L2(query_vectors)
+
+    best_scores = np.full((query_ids.shape[0], k + 1), -np.inf, np.float32)
+    best_ids = np.full((query_ids.shape[0], k + 1), -1, np.int64)
+    started_s = time.perf_counter()
+    for table in tables:
+        live = np.nonzero(~table.tombstones)[0]
+        for start in range(0, live.shape[0], block_rows):
+            block_idx = live[start : start + block_rows]
+            block = np.asarray(table.vectors[block_idx], np.float32)
+            faiss.normalize_L2(block)
+            scores, found = faiss.knn(
+                query_vectors,
+                block,
+                min(k + 1, block_idx.shape[0]),
+                metric=faiss.METRIC_INNER_PRODUCT,
+            )
+            found_ids = table.image_ids[block_idx][found]
+            all_scores = np.concatenate([best_scores, scores], axis=1)
+            all_ids = np.concatenate([best_ids, found_ids], axis=1)
+            order = np.argsort(-all_scores, axis=1)[:, : k + 1]
+            best_scores = np.take_along_axis(all_scores, order, 1)
+            best_ids = np.take_along_axis(all_ids, order, 1)
+    exact_s = time.perf_counter() - started_s
+    started_s = time.perf_counter()
+    _, approx = searcher.search_ids(query_vectors, k + 1)
+    approx_s = time.perf_counter() - started_s
+
+    def without_self(found: np.ndarray) -> np.ndarray:
+        out = np.full((found.shape[0], k), -1, np.int64)
+        for row in range(found.shape[0]):
+            kept = found[row][found[row] != query_ids[row]][:k]
+            out[row, : kept.shape[0]] = kept
+        return out
+
+    recall = recall_at_k(without_self(approx), without_self(best_ids), k)
+    return {
+        "generation": info.generation,
+        "k": k,
+        "queries": int(query_ids.shape[0]),
+        "recall_at_k": round(recall, 4),
+        "exact_s": round(exact_s, 3),
+        "approx_s": round(approx_s, 3),
+        "vectors": int(ids.shape[0]),
+        "shard_recall_at_10": [s.recall_at_10 for s in info.shards],
+    }

@@ -1,0 +1,266 @@
+"""The per-shard row tables next to each FAISS file: who every vector belongs to.
+
+A shard of a generation is a FAISS index plus a **base** table written by the build (every
+image id of the shard, sorted, with item id, version, content hash, source validators and
+a tombstone flag) and its float16 vectors in a separate ``.npy`` (so readers can memory-map
+it), plus an optional small **delta** table written by live apply (rows that changed
+since the base, vectors inline). For any image id the delta row, if there is one, wins.
+
+Tombstones stay in the tables with their version so that an older upsert arriving late
+(redelivery, reorder) loses against a newer delete.
+
+String columns are stored as UTF-8 bytes (numpy ``S``): a quarter of the memory of numpy
+unicode, which matters at millions of rows.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from common.storage import Storage
+from index.npz import pack_arrays, unpack_arrays
+
+
+def _as_bytes(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind == "S":
+        return values
+    if values.shape[0] == 0:
+        return np.zeros(0, dtype="S1")
+    return np.char.encode(values.astype(np.str_), "utf-8")
+
+
+def text(value: bytes | np.bytes_ | str) -> str:
+    return value if isinstance(value, str) else bytes(value).decode("utf-8")
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Column arrays sorted by ``image_ids`` (unique); row ``i`` of each is one image."""
+
+    image_ids: np.ndarray  # int64 [n], ascending
+    versions: np.ndarray  # int64 [n]
+    tombstones: np.ndarray  # bool [n]
+    item_ids: np.ndarray  # S [n]
+    content_hashes: np.ndarray  # S [n]
+    etags: np.ndarray  # S [n]
+    last_modifieds: np.ndarray  # S [n]
+    run_ids: np.ndarray  # S [n]
+    vectors: np.ndarray  # float16 [n, d] (zero rows for tombstones); may be a memmap
+
+    def __len__(self) -> int:
+        return int(self.image_ids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def live_count(self) -> int:
+        return int((~self.tombstones).sum())
+
+    def find(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row positions, found mask) for a batch of ids."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        if len(self) == 0:
+            return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
+        pos = np.searchsorted(self.image_ids, ids)
+        clipped = np.minimum(pos, len(self) - 1)
+        return clipped, self.image_ids[clipped] == ids
+
+    def row_of(self, image_id: int) -> int | None:
+        pos, found = self.find(np.array([image_id], np.int64))
+        return int(pos[0]) if bool(found[0]) else None
+
+    def take(self, rows: np.ndarray) -> ShardRows:
+        return ShardRows(
+            image_ids=self.image_ids[rows],
+            versions=self.versions[rows],
+            tombstones=self.tombstones[rows],
+            item_ids=self.item_ids[rows],
+            content_hashes=self.content_hashes[rows],
+            etags=self.etags[rows],
+            last_modifieds=self.last_modifieds[rows],
+            run_ids=self.run_ids[rows],
+            vectors=np.asarray(self.vectors[rows]),
+        )
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {
+            "image_id": self.image_ids,
+            "version": self.versions,
+            "tombstone": self.tombstones,
+            "item_id": self.item_ids,
+            "content_hash": self.content_hashes,
+            "etag": self.etags,
+            "last_modified": self.last_modifieds,
+            "run_id": self.run_ids,
+        }
+
+
+def empty_rows(dim: int) -> ShardRows:
+    blank = np.zeros(0, dtype="S1")
+    return ShardRows(
+        image_ids=np.zeros(0, np.int64),
+        versions=np.zeros(0, np.int64),
+        tombstones=np.zeros(0, bool),
+        item_ids=blank,
+        content_hashes=blank,
+        etags=blank,
+        last_modifieds=blank,
+        run_ids=blank,
+        vectors=np.zeros((0, dim), np.float16),
+    )
+
+
+def make_rows(
+    *,
+    image_ids: np.ndarray,
+    versions: np.ndarray,
+    tombstones: np.ndarray,
+    item_ids: np.ndarray,
+    content_hashes: np.ndarray,
+    etags: np.ndarray,
+    last_modifieds: np.ndarray,
+    run_ids: np.ndarray,
+    vectors: np.ndarray,
+) -> ShardRows:
+    """Rows from unsorted, unique-id columns (strings may be unicode or bytes)."""
+    order = np.argsort(image_ids, kind="stable")
+    return ShardRows(
+        image_ids=np.asarray(image_ids, np.int64)[order],
+        versions=np.asarray(versions, np.int64)[order],
+        tombstones=np.asarray(tombstones, bool)[order],
+        item_ids=_as_bytes(item_ids[order]),
+        content_hashes=_as_bytes(content_hashes[order]),
+        etags=_as_bytes(etags[order]),
+        last_modifieds=_as_bytes(last_modifieds[order]),
+        run_ids=_as_bytes(run_ids[order]),
+        vectors=np.asarray(vectors, np.float16)[order],
+    )
+
+
+def merge_rows(base: ShardRows, delta: ShardRows) -> ShardRows:
+    """``base`` with every id of ``delta`` replaced by the delta row (still sorted)."""
+    if len(delta) == 0:
+        return base
+    _, overridden = base.find(delta.image_ids)
+    keep = np.ones(len(base), bool)
+    if overridden.any():
+        pos, _ = base.find(delta.image_ids[overridden])
+        keep[pos] = False
+    kept = base.take(np.nonzero(keep)[0])
+    dim = max(base.dim, delta.dim)
+
+    def widen(v: np.ndarray) -> np.ndarray:
+        return v if v.shape[1] == dim else np.zeros((v.shape[0], dim), np.float16)
+
+    return make_rows(
+        image_ids=np.concatenate([kept.image_ids, delta.image_ids]),
+        versions=np.concatenate([kept.versions, delta.versions]),
+        tombstones=np.concatenate([kept.tombstones, delta.tombstones]),
+        item_ids=np.concatenate([kept.item_ids, delta.item_ids]),
+        content_hashes=np.concatenate([kept.content_hashes, delta.content_hashes]),
+        etags=np.concatenate([kept.etags, delta.etags]),
+        last_modifieds=np.concatenate([kept.last_modifieds, delta.last_modifieds]),
+        run_ids=np.concatenate([kept.run_ids, delta.run_ids]),
+        vectors=np.concatenate([widen(kept.vectors), widen(delta.vectors)]),
+    )
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+def encode_table(rows: ShardRows, *, with_vectors: bool) -> bytes:
+    arrays = rows.columns()
+    if with_vectors:
+        arrays["vectors"] = np.asarray(rows.vectors, np.float16)
+    return pack_arrays(arrays)
+
+
+def encode_vectors(vectors: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(vectors, np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _decode_table(data: bytes, vectors: np.ndarray | None, dim: int) -> ShardRows:
+    arrays = unpack_arrays(data)
+    n = int(arrays["image_id"].shape[0])
+    blank = np.full(n, b"", dtype="S1")
+    if vectors is None:
+        vectors = arrays.get("vectors", np.zeros((n, dim), np.float16))
+    return ShardRows(
+        image_ids=arrays["image_id"].astype(np.int64, copy=False),
+        versions=arrays["version"].astype(np.int64, copy=False),
+        # Tables of the first format version hold live rows only.
+        tombstones=arrays.get("tombstone", np.zeros(n, bool)).astype(bool, copy=False),
+        item_ids=_as_bytes(arrays["item_id"]),
+        content_hashes=_as_bytes(arrays.get("content_hash", blank)),
+        etags=_as_bytes(arrays.get("etag", blank)),
+        last_modifieds=_as_bytes(arrays.get("last_modified", blank)),
+        run_ids=_as_bytes(arrays.get("run_id", blank)),
+        vectors=vectors,
+    )
+
+
+def read_delta(storage: Storage, key: str, dim: int) -> ShardRows:
+    return _decode_table(storage.get(key), None, dim)
+
+
+def read_base(
+    storage: Storage,
+    items_key: str,
+    vectors_key: str | None,
+    dim: int,
+    *,
+    load_vectors: bool,
+    cache_dir: Path | None = None,
+) -> ShardRows:
+    """The base table; vectors memory-mapped where the storage has a local path.
+
+    With ``load_vectors=False`` (searchers) the vector column is a zero-width placeholder.
+    """
+    vectors: np.ndarray | None = None
+    if not load_vectors or vectors_key is None:
+        vectors = np.zeros((0, dim), np.float16)
+    else:
+        vectors = open_vectors(storage, vectors_key, cache_dir)
+    rows = _decode_table(storage.get(items_key), vectors, dim)
+    if load_vectors and vectors_key is None:
+        rows = replace(rows, vectors=np.zeros((len(rows), dim), np.float16))
+    return rows
+
+
+def open_vectors(storage: Storage, key: str, cache_dir: Path | None = None) -> np.ndarray:
+    """A read-only memory map of a vectors ``.npy``: page cache, not process memory.
+
+    Remote storage is copied into ``cache_dir`` (or a temp dir) first. The copy is named
+    by key, and keys are never rewritten with different bytes, so a cached copy is valid.
+    """
+    local = storage.local_path(key)
+    if local is not None and local.is_file():
+        return np.load(local, mmap_mode="r", allow_pickle=False)
+    directory = cache_dir or Path(tempfile.gettempdir()) / "imgfleet-vectors"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / key.replace("/", "__")
+    if not target.is_file():
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            download = getattr(storage, "download_to", None)
+            if download is not None:
+                os.close(fd)
+                download(key, Path(tmp))
+            else:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(storage.get(key))
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return np.load(target, mmap_mode="r", allow_pickle=False)
