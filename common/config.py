@@ -132,6 +132,8 @@ class WorkerConfig(_Section):
     s3_secret_access_key: SecretStr = SecretStr("")
     skip_unchanged: bool = True  # conditional requests / equal hashes reuse stored vectors
     decode_processes: int = Field(default=0, ge=0)  # 0: one per core
+    # auto: baseline/progressive JPEGs go to nvJPEG where CUDA and torchvision are present.
+    gpu_decode: Literal["auto", "off"] = "auto"
     max_pixels: int = Field(default=50_000_000, gt=0)
     truncated_policy: Literal["index", "dead_letter"] = "index"
     # A recovered (truncated) JPEG with less of its rows decodable is dead-lettered.

@@ -192,6 +192,24 @@ def make_fetcher(settings: Settings) -> Fetcher:
     )
 
 
+def make_decoder(settings: Settings, pool: DecodePool, log: Any) -> Any:
+    """The CPU pool, fronted by the nvJPEG route where CUDA and torchvision are present."""
+    from workers.gpu_decode import DecodeRouter, GpuJpegDecoder, gpu_available
+
+    if settings.worker.gpu_decode == "off" or not gpu_available():
+        return pool
+    from workers.routed_decode import RoutedDecoder
+
+    log.info("GPU JPEG decode on; PNG, WebP and rejected JPEGs go to the CPU pool")
+    return RoutedDecoder(
+        pool,
+        GpuJpegDecoder(),
+        DecodeRouter(gpu_available=True),
+        max_pixels=settings.worker.max_pixels,
+        max_batch=settings.worker.max_batch,
+    )
+
+
 async def run_worker(
     settings: Settings,
     *,
@@ -227,7 +245,7 @@ async def run_worker(
                 broker,
                 writer,
                 fetcher,
-                pool,
+                make_decoder(settings, pool, log),
                 embedder,
                 pipeline_settings(settings),
                 worker_id=worker_id,

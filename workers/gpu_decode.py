@@ -36,6 +36,8 @@ class JpegInfo:
     precision_bits: int
     components: int
     adobe: bool  # an APP14 Adobe segment: often CMYK / YCCK, which nvJPEG mishandles
+    height: int = 0
+    width: int = 0
 
 
 def jpeg_info(data: bytes) -> JpegInfo | None:
@@ -61,6 +63,8 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
                 precision_bits=data[pos + 4],
                 components=data[pos + 9],
                 adobe=adobe,
+                height=int.from_bytes(data[pos + 5 : pos + 7], "big"),
+                width=int.from_bytes(data[pos + 7 : pos + 9], "big"),
             )
         if marker == 0xDA:  # start of scan before any frame header: broken
             return None
