@@ -142,14 +142,14 @@ def one_core(
 def project_all_cores(mix: list[tuple[str, bytes]], processes: int) -> float:
     import asyncio
 
-    from workers.decode_pool import DecodePool
+    from workers.decode_pool import IN_FLIGHT_PER_PROCESS, DecodePool
 
     with DecodePool(processes) as pool:
         asyncio.run(pool.warm_up())
 
         async def run_all() -> None:
-            # Two in flight per process, as the pipeline submits.
-            limit = asyncio.Semaphore(processes * 2)
+            # As many in flight per process as the pipeline keeps.
+            limit = asyncio.Semaphore(processes * IN_FLIGHT_PER_PROCESS)
 
             async def one(data: bytes) -> None:
                 async with limit:

@@ -16,7 +16,7 @@ from common.logging import get_logger
 from common.storage import LocalStorage, Storage
 from index.segments import SegmentWriter
 from workers.backends import EngineOptions
-from workers.decode_pool import DecodePool
+from workers.decode_pool import IN_FLIGHT_PER_PROCESS, DecodePool
 from workers.embedder import Embedder, usable_cpus
 from workers.fetch import Fetcher
 from workers.model import load_model
@@ -36,7 +36,7 @@ def broker_prefetch(settings: Settings) -> int:
     w = settings.worker
     return (
         w.fetch_concurrency
-        + 2 * decode_processes(settings)
+        + IN_FLIGHT_PER_PROCESS * decode_processes(settings)
         + 3 * w.stage_queue_size
         + 2 * w.max_batch
     )
@@ -82,7 +82,7 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
     processes = decode_processes(settings)
     return PipelineSettings(
         fetch_concurrency=w.fetch_concurrency,
-        decode_concurrency=processes * 2,  # one decoding, one queued per process
+        decode_concurrency=processes * IN_FLIGHT_PER_PROCESS,
         max_batch=w.max_batch,
         max_wait_s=w.max_wait_ms / 1000.0,
         segment_max_records=w.segment_max_records,
