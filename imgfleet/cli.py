@@ -225,14 +225,9 @@ def _cmd_work(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
     from common.schema import decode_job
-    from imgfleet.wiring import make_broker
+    from imgfleet.wiring import read_dead_letters
 
-    broker = make_broker(settings)
-    await broker.connect()
-    try:
-        letters = await broker.dead_letters(limit=10**9)
-    finally:
-        await broker.close()
+    letters = await read_dead_letters(settings)
     if args.reason:
         letters = [d for d in letters if d.reason == args.reason]
     counts = Counter(d.reason for d in letters)

@@ -196,14 +196,9 @@ async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[in
     """(image ids of the run's dead-lettered jobs, letters whose job could not be read)."""
     from common.errors import ImgfleetError
     from common.schema import decode_job
-    from imgfleet.wiring import make_broker
+    from imgfleet.wiring import read_dead_letters
 
-    broker = make_broker(settings)
-    await broker.connect()
-    try:
-        letters = await broker.dead_letters(limit=10**9)
-    finally:
-        await broker.close()
+    letters = await read_dead_letters(settings)
     ids, unreadable = [], 0
     for letter in letters:
         if letter.run_id != run_id:

