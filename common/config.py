@@ -205,6 +205,55 @@ class IndexConfig(_Section):
     serve_port: int = Field(default=8088, ge=0, le=65535)
 
 
+class ProducerConfig(_Section):
+    """The nightly catalogue run (`imgfleet produce catalogue`)."""
+
+    # Which catalogue this is: deletes for disappeared items compare against the last
+    # complete run of the same catalogue name.
+    catalogue_name: str = "default"
+    # Column mapping: JSONL keys / CSV headers / Parquet columns.
+    item_id_column: str = "item_id"
+    # One column holding a list (or `url_separator`-joined string), or several columns.
+    image_url_columns: list[str] = Field(default_factory=lambda: ["image_urls"], min_length=1)
+    version_column: str = "version"
+    etag_column: str = ""  # empty: no ETag column
+    url_separator: str = "|"
+    max_images_per_item: int = Field(default=16, ge=1, le=1000)
+    batch_size: int = Field(default=500, ge=1)  # jobs handed to the broker at once
+    max_rate_per_s: float = Field(default=0.0, ge=0)  # jobs/s; 0: unlimited
+    checkpoint_interval_s: float = Field(default=5.0, gt=0)  # resume point write interval
+    delete_missing: bool = True  # items gone since the last complete run become deletes
+    # Refuse a run that would delete more than this fraction of the last run's images
+    # (a truncated dump must not empty the index); --allow-mass-delete overrides it.
+    max_delete_fraction: float = Field(default=0.2, ge=0, le=1)
+    progress_interval_s: float = Field(default=10.0, gt=0)
+
+
+class CmsConfig(_Section):
+    """The CMS intake (`imgfleet serve cms`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=0, le=65535)
+    # Bearer tokens accepted; several so a token can be rotated without downtime.
+    tokens: list[SecretStr] = Field(default_factory=list)
+    max_items_per_request: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=4 * 2**20, gt=0)
+    idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class MetricsConfig(_Section):
+    """Prometheus metrics and health endpoints, one HTTP listener per process."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"  # scraped from outside the pod
+    port: int = Field(default=9400, ge=0, le=65535)  # 0: an ephemeral port (logged)
+    # Liveness fails when the event loop or the embed stage has not moved for this long
+    # while there is work.
+    stall_after_s: float = Field(default=120.0, gt=0)
+    queue_poll_interval_s: float = Field(default=15.0, gt=0)  # queue depth / lag gauges
+
+
 class LoggingConfig(_Section):
     format: Literal["console", "json"] = "console"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -220,6 +269,9 @@ class Settings(BaseSettings):
     worker: WorkerConfig = WorkerConfig()
     model: ModelConfig = ModelConfig()
     index: IndexConfig = IndexConfig()
+    producer: ProducerConfig = ProducerConfig()
+    cms: CmsConfig = CmsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("broker")

@@ -20,3 +20,9 @@ def image_id_for(item_id: str, image_key: str) -> int:
 
 def content_hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def job_id_for(run_id: str, image_id: int, op: str) -> str:
+    """A deterministic job id: the same job published again (a resumed run) keeps its id."""
+    digest = hashlib.blake2b(f"{run_id}\x00{image_id}\x00{op}".encode(), digest_size=16).hexdigest()
+    return digest

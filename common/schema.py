@@ -30,6 +30,21 @@ class Lane(StrEnum):
     BULK = "bulk"  # nightly runs
 
 
+class FailureRecord(BaseModel):
+    """One earlier dead-lettering of a job, kept when ops requeue it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reason: str
+    error: str = Field(default="", max_length=2000)
+    attempts: int = Field(default=0, ge=0)
+    failed_at_s: float = 0.0
+    requeued_at_s: float = 0.0
+
+
+MAX_HISTORY = 20  # a job requeued more often keeps its newest failures
+
+
 class Job(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -45,6 +60,8 @@ class Job(BaseModel):
     lane: Lane = Lane.BULK
     created_at_s: float = Field(default_factory=time.time)
     etag: str | None = None
+    # Earlier dead-letterings, oldest first (requeued jobs keep why they failed before).
+    history: tuple[FailureRecord, ...] = Field(default=(), max_length=MAX_HISTORY)
 
     @model_validator(mode="after")
     def _upsert_needs_url(self) -> Job:
@@ -58,6 +75,11 @@ class Job(BaseModel):
 
     def next_attempt(self) -> Job:
         return self.model_copy(update={"attempt": self.attempt + 1})
+
+    def requeued(self, failure: FailureRecord, lane: Lane = Lane.LIVE) -> Job:
+        """This job back for a fresh set of attempts, its failure added to its history."""
+        history = (*self.history, failure)[-MAX_HISTORY:]
+        return self.model_copy(update={"attempt": 0, "lane": lane, "history": history})
 
     def to_bytes(self) -> bytes:
         # pydantic-core's own JSON writer: compact, no raw newlines, ~2.5x model_dump+orjson.

@@ -7,9 +7,6 @@ import asyncio
 import os
 import socket
 import sys
-import time
-import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,8 @@ from common.config import Settings, load_settings, masked_dump
 from common.errors import ConfigError, ImgfleetError
 from common.logging import configure_logging
 from imgfleet.cli_index import register as register_index_commands
+from imgfleet.cli_ops import register as register_ops_commands
+from imgfleet.cli_produce import register as register_produce_commands
 
 EPILOG = """\
 configuration: a TOML file (--config or IMGFLEET_CONFIG) plus environment overrides named
@@ -48,14 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON last")
 
-    produce = _subcommand(sub, "produce", help="publish jobs")
-    produce_sub = produce.add_subparsers(dest="source", required=True, metavar="SOURCE")
-    cat = _subcommand(produce_sub, "catalogue", help="publish a JSONL or CSV catalogue file")
-    cat.add_argument("path", type=Path)
-    cat.add_argument("--run-id", default=None, help="run id (default: generated)")
-    cat.add_argument("--lane", choices=["bulk", "live"], default="bulk")
-    cat.add_argument("--rejects", type=Path, help="append rejected rows (JSONL) here")
-    cat.add_argument("--json", action="store_true")
+    register_produce_commands(sub, _subcommand)  # produce (imgfleet/cli_produce.py)
 
     work = _subcommand(sub, "work", help="run a worker until SIGTERM")
     work.add_argument("--worker-id", default=None, help="default: HOST-PID")
@@ -74,12 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION")
     _subcommand(config_sub, "show", help="print the effective configuration, secrets masked")
 
-    dlq = _subcommand(sub, "dlq", help="dead-lettered jobs")
-    dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dlq_list = _subcommand(dlq_sub, "list", help="dead-lettered jobs by reason")
-    dlq_list.add_argument("--reason", help="only this reason code")
-    dlq_list.add_argument("--limit", type=int, default=50)
-    dlq_list.add_argument("--json", action="store_true")
+    register_ops_commands(sub, _subcommand)  # status, dlq, requeue, purge (cli_ops.py)
     return parser
 
 
@@ -136,7 +123,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if command == "demo":
         return _cmd_demo(args, settings)
     if command == "produce":
-        return asyncio.run(_cmd_produce(args, settings))
+        from imgfleet.cli_produce import dispatch as dispatch_produce
+
+        return dispatch_produce(args, settings)
     if command == "work":
         return _cmd_work(args, settings)
     if command in ("index", "search", "serve"):
@@ -150,8 +139,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if command == "config":
         print(_toml_like(masked_dump(settings)))
         return 0
-    if command == "dlq":
-        return asyncio.run(_cmd_dlq(args, settings))
+    if command in ("status", "dlq", "requeue", "purge"):
+        from imgfleet.cli_ops import dispatch as dispatch_ops
+
+        return dispatch_ops(args, settings)
     raise AssertionError(command)
 
 
@@ -175,44 +166,6 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if summary.accounted else 1
 
 
-async def _cmd_produce(args: argparse.Namespace, settings: Settings) -> int:
-    from common.schema import Lane
-    from imgfleet.wiring import make_broker, make_storage
-    from index.runs import RunInfo, write_run
-    from producers.publish import publish_catalogue
-
-    run_id = args.run_id or f"run-{uuid.uuid4().hex[:12]}"
-    lane = Lane(args.lane)
-    storage = make_storage(settings)
-    started_at_s = time.time()
-
-    def register(expected_jobs: int) -> None:
-        # A bulk run is a nightly run: `index finalize --run` builds its generation once
-        # every job is accounted for. Live-lane jobs are applied live, so no run is registered.
-        if lane is Lane.BULK:
-            info = RunInfo(run_id, str(args.path), expected_jobs, started_at_s)
-            write_run(storage, info)
-
-    broker = make_broker(settings)
-    await broker.connect()
-    try:
-        register(0)  # the start time first: workers may write segments at once
-        report = await publish_catalogue(
-            broker, args.path, run_id=run_id, lane=lane, rejects_path=args.rejects
-        )
-        register(report.jobs)
-    finally:
-        await broker.close()
-    if args.json:
-        _print_json(report.as_dict())
-    else:
-        for key, value in report.as_dict().items():
-            print(f"{key:<18}{value}")
-        for reject in report.rejects[:20]:
-            print(f"  line {reject.line}: {reject.reason}")
-    return 0
-
-
 def _cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     from imgfleet.wiring import run_worker
 
@@ -220,43 +173,4 @@ def _cmd_work(args: argparse.Namespace, settings: Settings) -> int:
     stats = asyncio.run(run_worker(settings, worker_id=worker_id, until_idle=args.until_idle))
     if args.json:
         _print_json(stats.as_dict())
-    return 0
-
-
-async def _cmd_dlq(args: argparse.Namespace, settings: Settings) -> int:
-    from common.schema import decode_job
-    from imgfleet.wiring import read_dead_letters
-
-    letters = await read_dead_letters(settings)
-    if args.reason:
-        letters = [d for d in letters if d.reason == args.reason]
-    counts = Counter(d.reason for d in letters)
-    rows = []
-    for letter in letters[: args.limit]:
-        try:
-            job = decode_job(letter.body)
-            url = job.url
-        except ImgfleetError:
-            url = None
-        rows.append(
-            {
-                "dlq_id": letter.dlq_id,
-                "reason": letter.reason,
-                "error": letter.error,
-                "attempts": letter.attempts,
-                "run_id": letter.run_id,
-                "item_id": letter.item_id,
-                "url": url,
-            }
-        )
-    if args.json:
-        _print_json({"counts": dict(counts), "jobs": rows})
-        return 0
-    print(f"{sum(counts.values())} dead-lettered jobs")
-    for reason, n in counts.most_common():
-        print(f"  {reason:<20}{n}")
-    for row in rows:
-        print(
-            f"  [{row['reason']}] item={row['item_id']} attempts={row['attempts']} {row['error']}"
-        )
     return 0

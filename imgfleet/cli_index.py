@@ -83,6 +83,9 @@ def register(sub: Any, subcommand: SubcommandFactory) -> None:
     http = subcommand(services, "search", help="HTTP search endpoint")
     http.add_argument("--host", help="default: index.serve_host")
     http.add_argument("--port", type=int, help="default: index.serve_port")
+    from imgfleet.cli_cms import register_service as register_cms_service
+
+    register_cms_service(services, subcommand)  # `serve cms` (imgfleet/cli_cms.py)
 
 
 def policy_from_config(config: IndexConfig) -> Any:
@@ -134,6 +137,10 @@ def _print(result: dict[str, Any], as_json: bool) -> None:
 def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "search":
         return _cmd_search(args, settings)
+    if args.command == "serve" and args.service == "cms":
+        from imgfleet.cli_cms import dispatch as dispatch_cms
+
+        return dispatch_cms(args, settings)
     if args.command == "serve":
         from imgfleet.search_server import serve
 
