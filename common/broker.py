@@ -35,6 +35,22 @@ class DeadLetter:
     item_id: str | None
 
 
+@dataclass(frozen=True)
+class LaneStats:
+    """One lane's queue figures for `imgfleet status` and the queue gauges.
+
+    ``unit`` says what ``ready`` counts: RabbitMQ counts messages (one may carry up to
+    ``jobs_per_message`` jobs); the local broker and Kafka count jobs.
+    """
+
+    lane: str  # live | bulk | retry | dlq
+    ready: int  # waiting to be delivered
+    in_flight: int | None = None  # delivered, not settled (None: the broker cannot say)
+    consumers: int | None = None
+    lag: int | None = None  # Kafka: records the group has not committed
+    unit: str = "jobs"
+
+
 @runtime_checkable
 class Broker(Protocol):
     async def connect(self) -> None: ...
