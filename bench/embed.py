@@ -87,7 +87,8 @@ def tight_loop(blobs: list[bytes], embedder: Any, batch: int, max_pixels: int) -
 
 
 async def pipeline_run(settings: Any, catalogue: Path, embedder: Any) -> tuple[int, float]:
-    from imgfleet.wiring import make_broker, run_worker
+    from imgfleet.adapters import make_broker
+    from imgfleet.wiring import run_worker
     from producers.publish import publish_catalogue
 
     broker = make_broker(settings)
@@ -201,9 +202,10 @@ def main() -> int:
     from bench.pipeline import OriginProcess
     from common.config import load_settings
     from common.logging import configure_logging
+    from imgfleet.adapters import decode_processes
     from imgfleet.demo import demo_settings
     from imgfleet.demo_corpus import make_corpus
-    from imgfleet.wiring import decode_processes, make_embedder
+    from imgfleet.wiring import make_embedder
     from workers.decode import decode_image
 
     n_items = args.items or (800 if args.quick else 3000)

@@ -96,7 +96,8 @@ def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:
 
 
 async def project_run(settings, catalogue: Path) -> tuple[int, float]:  # type: ignore[no-untyped-def]
-    from imgfleet.wiring import make_broker, run_worker
+    from imgfleet.adapters import make_broker
+    from imgfleet.wiring import run_worker
     from producers.publish import publish_catalogue
 
     broker = make_broker(settings)

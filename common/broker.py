@@ -6,7 +6,7 @@ Outcomes are settled through the broker, not the delivery, so an adapter can bat
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -51,14 +51,51 @@ class LaneStats:
     unit: str = "jobs"
 
 
+# Ops tools settle dead letters through these: ``select`` picks letters, ``act`` makes their
+# outcome durable elsewhere (a confirmed republish, an archive file) before they go.
+SelectLetter = Callable[[DeadLetter], bool]
+ActOnLetters = Callable[[list[DeadLetter]], Awaitable[None]]
+
+
+# Where a publish ledger stood at a checkpoint (Kafka: "topic:partition" -> end offset;
+# the local queue: its mark epoch; RabbitMQ: nothing, its ledger is bounded by length).
+LedgerPosition = dict[str, int]
+
+
 @runtime_checkable
 class Broker(Protocol):
     async def connect(self) -> None: ...
 
     async def close(self) -> None: ...
 
-    async def publish(self, jobs: Sequence[Job]) -> None:
-        """Return only once every job is durable on the broker."""
+    async def publish(self, jobs: Sequence[Job], ledger: str | None = None) -> None:
+        """Return only once every job is durable on the broker.
+
+        With ``ledger``, each job's id also goes into that publish ledger atomically with
+        the job itself, so after a crash a job is in the ledger exactly when it is on the
+        broker (see ``ledger_job_ids``).
+        """
+        ...
+
+    def ledger_capacity(self, batch_jobs: int) -> int | None:
+        """``publish`` calls of up to ``batch_jobs`` jobs a ledger surely keeps between two
+        ``ledger_mark`` calls (None: no bound)."""
+        ...
+
+    async def ledger_mark(self, ledger: str) -> LedgerPosition:
+        """Mark a resume point, with no publish to ``ledger`` in flight; creates the ledger.
+
+        The position goes into the producer's checkpoint: ``ledger_job_ids(ledger, since=it)``
+        then covers every job published after the mark.
+        """
+        ...
+
+    async def ledger_job_ids(self, ledger: str, since: LedgerPosition | None = None) -> set[str]:
+        """Ids of the jobs published with ``ledger`` since the mark ``since`` (or a superset)."""
+        ...
+
+    async def drop_ledger(self, ledger: str) -> None:
+        """Forget the ledger once its run is published (a missing ledger is fine)."""
         ...
 
     async def publish_raw(self, bodies: Sequence[bytes], lane: str = "bulk") -> None:
@@ -91,3 +128,25 @@ class Broker(Protocol):
         ...
 
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]: ...
+
+    async def settle_dead_letters(
+        self,
+        select: SelectLetter,
+        act: ActOnLetters,
+        *,
+        limit: int | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        """Remove the dead letters ``select`` picks, each only after ``act`` returned on it.
+
+        Selected letters go to ``act`` in batches of up to ``batch_size``; a batch leaves the
+        DLQ once ``act`` has returned (if it raises, that batch stays and the error
+        propagates). Letters not selected stay where they are, in order. Copies of one
+        letter that ``dead_letters`` collapses are removed together. Returns the number of
+        letters removed (at most ``limit``).
+        """
+        ...
+
+    async def lane_stats(self) -> list[LaneStats]:
+        """Queue figures per lane (live, bulk, retry, dlq) as far as the broker can tell."""
+        ...

@@ -28,25 +28,20 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
-from common.broker import DeadLetter, Delivery
+from common.broker import ActOnLetters, DeadLetter, Delivery, LaneStats, SelectLetter
 from common.config import BrokerConfig, KafkaConfig
 from common.errors import Reason, TransientError
 from common.kafka_client import ClientSettings, LogReader, client_settings, ensure_topics
 from common.kafka_consumer import ConsumerLoop
+from common.kafka_dlq import KafkaLetter, collect_letters, resolution_value, resolved_keys
+from common.kafka_ledger import LedgerReader, ledger_headers
 from common.kafka_topics import (
-    H_ATTEMPTS,
     H_DUE_MS,
-    H_ERROR,
-    H_FAILED_AT_MS,
-    H_ITEM_ID,
-    H_REASON,
-    H_RUN_ID,
-    H_SOURCE,
+    RESOLVED_TOPIC_CONFIGS,
+    RESOLVED_TOPIC_PARTITIONS,
     KafkaTopics,
     dlq_headers,
     due_at_ms,
-    header,
-    header_int,
 )
 from common.logging import get_logger
 from common.schema import Job
@@ -101,6 +96,20 @@ class KafkaBroker:
 
     # -- connection -------------------------------------------------------------------
 
+    def is_connected(self) -> bool:
+        """Connected, and once consuming, the poll thread is alive (kafka-python itself
+        reconnects to brokers silently, so an outage shows as lost partitions instead)."""
+        if self._producer is None:
+            return False
+        consumer = self._consumer
+        return consumer is None or consumer.failure is None
+
+    @property
+    def assigned_partitions(self) -> int | None:
+        """Partitions the group gave this consumer (None before consuming starts)."""
+        consumer = self._consumer
+        return None if consumer is None else consumer.assigned_partitions
+
     async def connect(self) -> None:
         if self._producer is None:
             await asyncio.to_thread(self._connect)
@@ -111,6 +120,13 @@ class KafkaBroker:
             admin = KafkaAdminClient(**self._settings.kwargs(client_id="imgfleet-admin"))
             try:
                 ensure_topics(admin, self.topics.all, k.partitions, k.replication_factor)
+                ensure_topics(
+                    admin,
+                    [self.topics.dlq_resolved],
+                    RESOLVED_TOPIC_PARTITIONS,
+                    k.replication_factor,
+                    configs=RESOLVED_TOPIC_CONFIGS,
+                )
             finally:
                 admin.close()
             # enable_idempotence is left to kafka-python: on where the broker supports it,
@@ -147,15 +163,44 @@ class KafkaBroker:
 
     # -- publishing -------------------------------------------------------------------
 
-    async def publish(self, jobs: Sequence[Job]) -> None:
+    async def publish(self, jobs: Sequence[Job], ledger: str | None = None) -> None:
         await self._send(
             [
                 _Record(
-                    self.topics.for_lane(job.lane.value), job.item_id.encode(), job.to_bytes(), []
+                    self.topics.for_lane(job.lane.value),
+                    job.item_id.encode(),
+                    job.to_bytes(),
+                    [] if ledger is None else ledger_headers(ledger, job.job_id),
                 )
                 for job in jobs
             ]
         )
+
+    # -- publish ledger (common.kafka_ledger): the lane topics read from a mark -----------
+
+    def ledger_capacity(self, batch_jobs: int) -> int | None:
+        return None  # records stay until retention
+
+    async def ledger_mark(self, ledger: str) -> dict[str, int]:
+        if self._producer is None:
+            await self.connect()  # the lane topics must exist
+        lanes = (self.topics.live, self.topics.bulk)
+        try:
+            return await asyncio.to_thread(LedgerReader(self._settings).end_offsets, lanes)
+        except KafkaError as exc:
+            raise TransientError(f"kafka: ledger mark: {exc}", Reason.BROKER) from exc
+
+    async def ledger_job_ids(self, ledger: str, since: dict[str, int] | None = None) -> set[str]:
+        lanes = (self.topics.live, self.topics.bulk)
+        try:
+            return await asyncio.to_thread(
+                LedgerReader(self._settings).job_ids, lanes, ledger, since
+            )
+        except KafkaError as exc:
+            raise TransientError(f"kafka: reading ledger: {exc}", Reason.BROKER) from exc
+
+    async def drop_ledger(self, ledger: str) -> None:
+        return None  # nothing but the job records themselves was written
 
     async def publish_raw(self, bodies: Sequence[bytes], lane: str = "bulk") -> None:
         topic = self.topics.for_lane(lane)
@@ -331,37 +376,92 @@ class KafkaBroker:
         return await asyncio.to_thread(self._locked_read, "backlog")
 
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
-        """The DLQ read from its start without a group (reading it changes nothing)."""
-        records = await asyncio.to_thread(self._locked_read, "dlq", limit)
-        letters: list[DeadLetter] = []
-        seen: set[str] = set()
-        for rec in records:
-            source = header(rec.headers, H_SOURCE) or f"dlq:{rec.partition}:{rec.offset}"
-            # A record dead-lettered, then redelivered before its offset was committed
-            # (a crash in between), is written twice with the same source: list it once.
-            if source in seen:
-                continue
-            seen.add(source)
-            failed_at_ms = header_int(rec.headers, H_FAILED_AT_MS) or rec.timestamp
-            letters.append(
-                DeadLetter(
-                    dlq_id=f"{rec.partition}:{rec.offset}",
-                    body=rec.value or b"",
-                    reason=header(rec.headers, H_REASON) or "unknown",
-                    error=header(rec.headers, H_ERROR) or "",
-                    attempts=header_int(rec.headers, H_ATTEMPTS) or 1,
-                    failed_at_s=failed_at_ms / 1000.0,
-                    run_id=header(rec.headers, H_RUN_ID),
-                    item_id=header(rec.headers, H_ITEM_ID),
-                )
+        """The DLQ read from its start without a group (reading it changes nothing).
+
+        Letters ops requeued or purged (marked in the resolved topic) are left out.
+        """
+        letters = await asyncio.to_thread(self._unresolved_letters)
+        return [entry.letter for entry in letters[:limit]]
+
+    def _unresolved_letters(self) -> list[KafkaLetter]:
+        records = self._locked_read("dlq", 10**12)
+        resolved = resolved_keys(self._locked_read("resolved", 10**12))
+        return collect_letters(records, resolved)
+
+    async def settle_dead_letters(
+        self,
+        select: SelectLetter,
+        act: ActOnLetters,
+        *,
+        limit: int | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        """Mark acted-on letters in the resolved topic (records cannot be deleted)."""
+        letters = await asyncio.to_thread(self._unresolved_letters)
+        settled = 0
+        batch: list[KafkaLetter] = []
+
+        async def flush() -> None:
+            nonlocal settled
+            if not batch:
+                return
+            await act([entry.letter for entry in batch])
+            value = resolution_value("settled", time.time())
+            await self._send(
+                [
+                    _Record(self.topics.dlq_resolved, key.encode(), value, [])
+                    for entry in batch
+                    for key in entry.record_keys
+                ]
             )
-        return letters
+            settled += len(batch)
+            batch.clear()
+
+        for entry in letters:
+            if limit is not None and settled + len(batch) >= limit:
+                break
+            if not select(entry.letter):
+                continue
+            batch.append(entry)
+            if len(batch) >= batch_size:
+                await flush()
+        await flush()
+        return settled
+
+    async def lane_stats(self) -> list[LaneStats]:
+        """Lag of the workers' group per lane (records not committed: waiting or in flight)."""
+        return await asyncio.to_thread(self._locked_read, "stats")
+
+    def _lane_stats(self) -> list[LaneStats]:
+        reader, topics = self._reader, self.topics
+        lag = reader.lag(self._kafka.group_id, topics.consumed)
+
+        def of(names: tuple[str, ...]) -> int:
+            return sum(n for tp, n in lag.items() if tp.topic in names)
+
+        members = reader.group_members(self._kafka.group_id)
+        stats = [
+            LaneStats(lane, of(names), consumers=members, lag=of(names))
+            for lane, names in (
+                ("live", (topics.live,)),
+                ("bulk", (topics.bulk,)),
+                ("retry", topics.retries),
+            )
+        ]
+        resolved = resolved_keys(reader.read(topics.dlq_resolved, 10**12))
+        # DLQ records minus the settled ones; copies of one job count as records here.
+        stats.append(LaneStats("dlq", max(reader.records(topics.dlq) - len(resolved), 0)))
+        return stats
 
     def _locked_read(self, what: str, limit: int = 0) -> Any:
         try:
             with self._reader_lock:
                 if what == "backlog":
                     return self._reader.backlog(self._kafka.group_id, self.topics.consumed)
+                if what == "stats":
+                    return self._lane_stats()
+                if what == "resolved":
+                    return self._reader.read(self.topics.dlq_resolved, limit)
                 return self._reader.read(self.topics.dlq, limit)
         except KafkaError as exc:
             raise TransientError(f"kafka: {what}: {exc}", Reason.BROKER) from exc

@@ -97,7 +97,11 @@ def client_settings(config: BrokerConfig) -> ClientSettings:
 
 
 def ensure_topics(
-    admin: KafkaAdminClient, topics: Iterable[str], partitions: int, replication_factor: int
+    admin: KafkaAdminClient,
+    topics: Iterable[str],
+    partitions: int,
+    replication_factor: int,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created (idempotent)."""
     wanted = list(topics)
@@ -106,9 +110,13 @@ def ensure_topics(
     created: list[str] = []
     for topic in missing:
         try:
-            admin.create_topics(
-                {topic: {"num_partitions": partitions, "replication_factor": replication_factor}}
-            )
+            options: dict[str, Any] = {
+                "num_partitions": partitions,
+                "replication_factor": replication_factor,
+            }
+            if configs:
+                options["configs"] = dict(configs)
+            admin.create_topics({topic: options})
             created.append(topic)
         except TopicAlreadyExistsError:
             pass  # another process created it a moment ago: that is the same outcome
@@ -185,9 +193,13 @@ class LogReader:
 
     def backlog(self, group_id: str, topics: Iterable[str]) -> int:
         """Records at or past the group's committed offsets (0: every one is settled)."""
+        return sum(self.lag(group_id, topics).values())
+
+    def lag(self, group_id: str, topics: Iterable[str]) -> dict[TopicPartition, int]:
+        """Per partition: records at or past the group's committed offset."""
         tps = self.partitions(topics)
         if not tps:
-            return 0
+            return {}
         try:
             committed = self._admin_client().list_group_offsets({group_id: tps}).get(group_id, {})
             starts = self._consumer(probe=True).beginning_offsets(tps)
@@ -199,7 +211,37 @@ class LogReader:
             offset = meta.offset if meta is not None else -1
             positions[tp] = offset if offset >= 0 else int(starts.get(tp, 0))
         highwater = self._highwater(positions)
-        return sum(max(highwater[tp] - positions[tp], 0) for tp in tps)
+        return {tp: max(highwater[tp] - positions[tp], 0) for tp in tps}
+
+    def records(self, topic: str) -> int:
+        """Records the topic holds now (high watermark minus log start, all partitions)."""
+        tps = self.partitions([topic])
+        if not tps:
+            return 0
+        try:
+            starts = self._consumer(probe=True).beginning_offsets(tps)
+        except KafkaError as exc:
+            raise TransientError(f"kafka: reading {topic} offsets: {exc}", Reason.BROKER) from exc
+        begin = {tp: int(starts.get(tp, 0)) for tp in tps}
+        highwater = self._highwater(begin)
+        return sum(max(highwater[tp] - begin[tp], 0) for tp in tps)
+
+    def group_members(self, group_id: str) -> int | None:
+        """Members of the consumer group, or None when the broker will not say.
+
+        Some Kafka-protocol brokers answer DescribeGroups with fields kafka-python cannot
+        decode, so any failure here means "unknown", never an error.
+        """
+        try:
+            described = self._admin_client().describe_groups([group_id])
+        except Exception as exc:  # a figure for ops, never worth failing the command for
+            log.debug("describe_groups failed", group=group_id, error=str(exc))
+            return None
+        info = described.get(group_id) if isinstance(described, dict) else None
+        if not isinstance(info, dict):
+            return None
+        members = info.get("members")
+        return len(members) if isinstance(members, list | tuple) else None
 
     def _highwater(self, positions: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
         """High watermark per partition, learnt from a fetch starting at ``positions``."""

@@ -136,6 +136,12 @@ class ConsumerLoop:
         """Why the poll thread died (None while it runs or after a clean stop)."""
         return self._failure
 
+    @property
+    def assigned_partitions(self) -> int:
+        """Partitions this consumer owns now (0 before the first assignment)."""
+        with self._lock:
+            return len(self._owned)
+
     def set_active(self, active: bool) -> None:
         """Fetch only while someone consumes; an idle consumer keeps polling, paused."""
         self._active = active

@@ -5,7 +5,8 @@ Topics (``<prefix>`` is ``broker.name_prefix``):
 - ``<prefix>.jobs.live``  CMS and requeue traffic, served before everything else;
 - ``<prefix>.jobs.bulk``  nightly runs;
 - ``<prefix>.retry.<delay>s``  one topic per entry of ``kafka.retry_delays_s``;
-- ``<prefix>.dlq``  failures: the original record value unchanged, the why in headers.
+- ``<prefix>.dlq``  failures: the original record value unchanged, the why in headers;
+- ``<prefix>.dlq.resolved``  compacted, one partition: DLQ records ops requeued or purged.
 
 Jobs are keyed by item id so one item's changes stay in order within a partition.
 
@@ -35,6 +36,11 @@ H_ITEM_ID = "imgfleet-item-id"
 H_SOURCE = "imgfleet-source"  # topic:partition:offset of the record that failed
 
 MAX_ERROR_CHARS = 4000
+
+# The resolved-letters topic keeps the newest record per key forever: a DLQ record must
+# never reappear because its mark aged out.
+RESOLVED_TOPIC_CONFIGS = {"cleanup.policy": "compact"}
+RESOLVED_TOPIC_PARTITIONS = 1
 
 
 class TopicKind(StrEnum):
@@ -75,6 +81,15 @@ class KafkaTopics:
     @property
     def dlq(self) -> str:
         return f"{self.prefix}.dlq"
+
+    @property
+    def dlq_resolved(self) -> str:
+        """Compacted: one record per DLQ record that ops requeued or purged.
+
+        Kafka cannot delete single records, so a settled dead letter is marked here (key
+        ``<partition>:<offset>`` of the DLQ record) and DLQ readers skip it.
+        """
+        return f"{self.prefix}.dlq.resolved"
 
     @property
     def retries(self) -> tuple[str, ...]:

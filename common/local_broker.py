@@ -16,9 +16,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from common.broker import DeadLetter, Delivery
-from common.errors import Reason, TransientError
+from common import local_ledger
+from common.broker import ActOnLetters, DeadLetter, Delivery, LaneStats, SelectLetter
+from common.errors import ConfigError, Reason, TransientError
 from common.schema import Job, Lane
 
 _LANES = {Lane.LIVE.value: 0, Lane.BULK.value: 1}
@@ -72,7 +74,13 @@ class LocalBroker:
     # -- connection -------------------------------------------------------------------
 
     async def connect(self) -> None:
-        await asyncio.to_thread(self._open)
+        try:
+            await asyncio.to_thread(self._open)
+        except (OSError, sqlite3.Error) as exc:
+            # A path that cannot be created or opened will not fix itself: a setting to fix.
+            raise ConfigError(
+                f"local broker: cannot open the queue file {str(self.path)!r}: {exc}"
+            ) from exc
 
     def _open(self) -> None:
         if self._conn is not None:
@@ -84,7 +92,7 @@ class LocalBroker:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a confirmed publish or settled outcome survives power loss, not only kill -9.
         conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + local_ledger.LEDGER_SCHEMA)
         self._conn = conn
 
     async def close(self) -> None:
@@ -120,10 +128,29 @@ class LocalBroker:
 
     # -- publishing -------------------------------------------------------------------
 
-    async def publish(self, jobs: Sequence[Job]) -> None:
+    async def publish(self, jobs: Sequence[Job], ledger: str | None = None) -> None:
         now = time.time()
         rows = [(_LANES[job.lane.value], job.to_bytes(), now) for job in jobs]
-        await self._run(_insert_jobs, rows)
+        if ledger is None:
+            await self._run(_insert_jobs, rows)
+        else:
+            await self._run(_insert_jobs_with_ledger, rows, ledger, [j.job_id for j in jobs])
+
+    # The publish ledger (common.local_ledger): rows written in the jobs' own transaction.
+
+    def ledger_capacity(self, batch_jobs: int) -> int | None:
+        return None  # rows are kept until the next mark but one: no bound to respect
+
+    async def ledger_mark(self, ledger: str) -> dict[str, int]:
+        position: dict[str, int] = await self._run(local_ledger.mark, ledger)
+        return position
+
+    async def ledger_job_ids(self, ledger: str, since: dict[str, int] | None = None) -> set[str]:
+        ids: set[str] = await self._run(local_ledger.job_ids, ledger, since)
+        return ids
+
+    async def drop_ledger(self, ledger: str) -> None:
+        await self._run(local_ledger.drop, ledger)
 
     async def publish_raw(self, bodies: Sequence[bytes], lane: str = "bulk") -> None:
         now = time.time()
@@ -262,13 +289,78 @@ class LocalBroker:
                 (limit,),
             ).fetchall()
         )
-        return [
-            DeadLetter(str(r[0]), bytes(r[1]), r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows
-        ]
+        return [_letter_of(r) for r in rows]
+
+    async def settle_dead_letters(
+        self,
+        select: SelectLetter,
+        act: ActOnLetters,
+        *,
+        limit: int | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        """Walk the DLQ in id order; delete each acted-on batch in one transaction."""
+        settled = 0
+        after_id = 0
+        batch: list[DeadLetter] = []
+
+        async def flush() -> None:
+            nonlocal settled
+            if batch:
+                await act(list(batch))
+                await self._run(_delete_letters, [int(d.dlq_id) for d in batch])
+                settled += len(batch)
+                batch.clear()
+
+        while limit is None or settled + len(batch) < limit:
+            rows = await self._run(_letters_after, after_id, _SCAN_ROWS)
+            if not rows:
+                break
+            for row in rows:
+                after_id = int(row[0])
+                letter = _letter_of(row)
+                if not select(letter):
+                    continue
+                batch.append(letter)
+                if len(batch) >= batch_size:
+                    await flush()
+                if limit is not None and settled + len(batch) >= limit:
+                    break
+        await flush()
+        return settled
+
+    async def lane_stats(self) -> list[LaneStats]:
+        rows, dead = await self._run(_lane_counts, time.time())
+        names = {v: k for k, v in _LANES.items()}
+        ready = {name: 0 for name in _LANES}
+        leased = {name: 0 for name in _LANES}
+        waiting = 0
+        for lane, state, n in rows:
+            if state == "ready":
+                ready[names[lane]] += n
+            elif state == "leased":
+                leased[names[lane]] += n
+            else:
+                waiting += n
+        stats = [LaneStats(lane, ready[lane], in_flight=leased[lane]) for lane in _LANES]
+        # Jobs waiting out a retry delay sit in their lane's table rows until due.
+        stats.append(LaneStats("retry", waiting, in_flight=0))
+        stats.append(LaneStats("dlq", int(dead), in_flight=0))
+        return stats
 
 
 def _insert_jobs(conn: sqlite3.Connection, rows: list[tuple[int, bytes, float]]) -> None:
     conn.executemany("INSERT INTO jobs (lane, body, visible_at) VALUES (?, ?, ?)", rows)
+
+
+def _insert_jobs_with_ledger(
+    conn: sqlite3.Connection,
+    rows: list[tuple[int, bytes, float]],
+    ledger: str,
+    job_ids: list[str],
+) -> None:
+    _insert_jobs(conn, rows)
+    local_ledger.record(conn, ledger, job_ids)
 
 
 def _delete(conn: sqlite3.Connection, keys: list[tuple[int, str]]) -> None:
@@ -313,3 +405,38 @@ def _to_dlq(
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (body, *meta),
         )
+
+
+_SCAN_ROWS = 1000  # DLQ rows read per query while settling
+
+_LETTER_COLUMNS = "id, body, reason, error, attempts, failed_at, run_id, item_id"
+
+
+def _letter_of(row: Sequence[Any]) -> DeadLetter:
+    rid, body, reason, error, attempts, failed_at, run_id, item_id = row
+    return DeadLetter(
+        str(rid), bytes(body), reason, error, int(attempts), float(failed_at), run_id, item_id
+    )
+
+
+def _letters_after(conn: sqlite3.Connection, after_id: int, n: int) -> list[Any]:
+    return conn.execute(
+        f"SELECT {_LETTER_COLUMNS} FROM dlq WHERE id > ? ORDER BY id LIMIT ?", (after_id, n)
+    ).fetchall()
+
+
+def _delete_letters(conn: sqlite3.Connection, ids: list[int]) -> None:
+    conn.executemany("DELETE FROM dlq WHERE id = ?", [(i,) for i in ids])
+
+
+def _lane_counts(conn: sqlite3.Connection, now: float) -> tuple[list[tuple[int, str, int]], int]:
+    # A lease past its visibility timeout is ready again; an unleased row not yet visible
+    # is a retry waiting out its delay.
+    rows = conn.execute(
+        "SELECT lane, CASE WHEN visible_at <= ? THEN 'ready' "
+        "WHEN lease_token IS NOT NULL THEN 'leased' ELSE 'waiting' END AS state, COUNT(*) "
+        "FROM jobs GROUP BY lane, state",
+        (now,),
+    ).fetchall()
+    dead = conn.execute("SELECT COUNT(*) FROM dlq").fetchone()[0]
+    return rows, int(dead)

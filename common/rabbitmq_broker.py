@@ -34,11 +34,19 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from common.broker import DeadLetter, Delivery
+from common import rabbitmq_dlq
+from common.broker import ActOnLetters, DeadLetter, Delivery, LaneStats, SelectLetter
 from common.config import BrokerConfig, mask_url
 from common.errors import ConfigError, Reason, TransientError
 from common.logging import get_logger
 from common.rabbitmq_connect import connection_url, open_connection
+from common.rabbitmq_ledger import (
+    bcc_headers,
+    capacity_calls,
+    ledger_arguments,
+    ledger_queue,
+    read_job_ids,
+)
 from common.rabbitmq_publish import (
     JOB_CONTENT_TYPE,
     RAW_CONTENT_TYPE,
@@ -96,6 +104,7 @@ class RabbitMQBroker:
         self._publish_channel: AbstractRobustChannel | None = None
         self._admin_channel: AbstractRobustChannel | None = None
         self._publisher: ConfirmedPublisher | None = None
+        self._ledgers: set[str] = set()  # ledger queues declared by this connection
         self._consume_channels: dict[str, AbstractRobustChannel] = {}
         self._consumer_tags: dict[str, tuple[AbstractQueue, str]] = {}
         self._ready: dict[str, deque[Delivery]] = {lane: deque() for lane in LANES}
@@ -106,6 +115,7 @@ class RabbitMQBroker:
         self._jobs_per_message_seen = float(config.rabbitmq.jobs_per_message)
         self._watchdog: asyncio.Task[None] | None = None
         self._closing = False
+        self._link_up = False  # readiness: connected, or reconnected after a loss
         self._resize_lock = asyncio.Lock()
 
     @classmethod
@@ -136,11 +146,16 @@ class RabbitMQBroker:
         self._publisher = ConfirmedPublisher(
             self._publish_channel, window=self.config.rabbitmq.publish_window
         )
+        self._link_up = True
         self.log.info(
             "connected",
             queue_type=self.topology.queue_type,
             delay_steps_ms=list(self.topology.delay_steps_ms),
         )
+
+    def is_connected(self) -> bool:
+        """Up since connect() or the last reconnect (channels restored); False while lost."""
+        return self._link_up and self._connection is not None
 
     async def _declare_topology(self, channel: AbstractRobustChannel) -> None:
         for name, arguments in self.topology.all_queues():
@@ -155,6 +170,7 @@ class RabbitMQBroker:
                 ) from exc
 
     def _on_connection_lost(self, *_: Any) -> None:
+        self._link_up = False
         if self._closing:
             return
         self.log.warning("connection lost; reconnecting", unsettled_jobs=len(self._held))
@@ -162,10 +178,12 @@ class RabbitMQBroker:
     def _on_reconnect(self, *_: Any) -> None:
         # Everything held from before is now unackable; the broker redelivers it.
         dropped = sum(1 for inbound in set(self._held.values()) if inbound.is_stale())
+        self._link_up = True
         self.log.info("reconnected", stale_messages=dropped)
 
     async def close(self) -> None:
         self._closing = True
+        self._link_up = False
         if self._watchdog:
             self._watchdog.cancel()
         await self._stop_consumers()
@@ -183,13 +201,78 @@ class RabbitMQBroker:
 
     # -- publishing ---------------------------------------------------------------------
 
-    async def publish(self, jobs: Sequence[Job]) -> None:
+    async def publish(self, jobs: Sequence[Job], ledger: str | None = None) -> None:
         per_message = self.config.rabbitmq.jobs_per_message
+        bodies: dict[str, list[bytes]] = {lane: [] for lane in LANES}
+        for job in jobs:
+            bodies[job.lane].append(job.to_bytes())  # Lane is a StrEnum: a str key
         messages: list[Outgoing] = []
         for lane in LANES:
-            bodies = [job.to_bytes() for job in jobs if job.lane.value == lane]
-            messages += pack(self.topology.work_queue(lane), bodies, per_message)
+            messages += pack(self.topology.work_queue(lane), bodies[lane], per_message)
+        if ledger is not None:
+            # One publish reaches the lane queue and the ledger (common.rabbitmq_ledger).
+            headers = bcc_headers(await self._declare_ledger(ledger))
+            for message in messages:
+                message.headers.update(headers)
         await self._require(self._publisher).publish(messages)
+
+    # -- publish ledger (common.rabbitmq_ledger) -------------------------------------------
+
+    def ledger_capacity(self, batch_jobs: int) -> int | None:
+        r = self.config.rabbitmq
+        return capacity_calls(
+            max_messages=r.ledger_max_messages,
+            publish_window=r.publish_window,
+            jobs_per_message=r.jobs_per_message,
+            batch_jobs=batch_jobs,
+            lanes=len(LANES),
+        )
+
+    async def _declare_ledger(self, ledger: str) -> str:
+        queue = ledger_queue(self.config.name_prefix, ledger)
+        if queue in self._ledgers:
+            return queue
+        channel = await self._require(self._connection).channel(publisher_confirms=False)
+        try:
+            # Not robust: a reconnect must not bring back a ledger dropped meanwhile.
+            await channel.declare_queue(
+                queue,
+                durable=True,
+                arguments=ledger_arguments(self.config.rabbitmq.ledger_max_messages),
+                robust=False,
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise ConfigError(
+                f"ledger queue {queue!r} exists with another x-max-length than "
+                f"broker.rabbitmq.ledger_max_messages={self.config.rabbitmq.ledger_max_messages}"
+                f": {exc}. Resume with the setting the run started with."
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._ledgers.add(queue)
+        return queue
+
+    async def ledger_mark(self, ledger: str) -> dict[str, int]:
+        await self._declare_ledger(ledger)
+        return {}  # the ledger is bounded by its length; nothing to remember
+
+    async def ledger_job_ids(self, ledger: str, since: dict[str, int] | None = None) -> set[str]:
+        queue = ledger_queue(self.config.name_prefix, ledger)
+        try:
+            return await read_job_ids(self._require(self._connection), queue)
+        except _SETTLE_ERRORS as exc:
+            raise TransientError(f"could not read ledger {queue!r}: {exc}", Reason.BROKER) from exc
+
+    async def drop_ledger(self, ledger: str) -> None:
+        queue = ledger_queue(self.config.name_prefix, ledger)
+        channel = await self._require(self._connection).channel(publisher_confirms=False)
+        try:
+            await channel.queue_delete(queue)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._ledgers.discard(queue)
 
     async def publish_raw(self, bodies: Sequence[bytes], lane: str = "bulk") -> None:
         if lane not in LANES:
@@ -480,30 +563,35 @@ class RabbitMQBroker:
         records carry the job id, and the copy is collapsed here so every job reads once.
         """
         connection = self._require(self._connection)
-        # A private channel: closing it puts back every message read through it.
-        channel = await connection.channel(publisher_confirms=False)
-        letters: list[DeadLetter] = []
-        seen: set[str] = set()
         try:
-            queue = await channel.declare_queue(
-                self.topology.dead_letter_queue,
-                durable=True,
-                arguments=self.topology.work_arguments(),
-                robust=False,
-            )
-            while len(letters) < limit:
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                letter = _dead_letter_of(message)
-                if message.message_id and message.message_id in seen:
-                    continue
-                seen.add(letter.dlq_id)
-                letters.append(letter)
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-        return letters
+            return await rabbitmq_dlq.read_dead_letters(connection, self.topology, limit)
+        except _SETTLE_ERRORS as exc:
+            raise TransientError(f"RabbitMQ: reading the DLQ: {exc}", Reason.BROKER) from exc
+
+    async def settle_dead_letters(
+        self,
+        select: SelectLetter,
+        act: ActOnLetters,
+        *,
+        limit: int | None = None,
+        batch_size: int = 500,
+    ) -> int:
+        return await rabbitmq_dlq.settle_dead_letters(
+            self._require(self._connection),
+            self.topology,
+            select,
+            act,
+            limit=limit,
+            batch_size=batch_size,
+            pass_time_s=self.config.rabbitmq.consumer_timeout_s / 3,
+        )
+
+    async def lane_stats(self) -> list[LaneStats]:
+        channel = self._require(self._admin_channel)
+        try:
+            return await rabbitmq_dlq.lane_stats(channel, self.topology)
+        except _SETTLE_ERRORS as exc:
+            raise TransientError(f"RabbitMQ: reading queue figures: {exc}", Reason.BROKER) from exc
 
     async def delete_topology(self) -> int:
         """Delete every queue of this prefix, messages included (tests and decommissioning)."""
@@ -514,28 +602,3 @@ class RabbitMQBroker:
                 await channel.queue_delete(name)
                 deleted += 1
         return deleted
-
-
-def _dead_letter_of(message: AbstractIncomingMessage) -> DeadLetter:
-    headers = message.headers or {}
-
-    def number(key: str) -> int:
-        value = headers.get(key)
-        return int(value) if isinstance(value, int | float | str) else 0
-
-    def text(key: str) -> str | None:
-        value = headers.get(key)
-        if value is None:
-            return None
-        return value.decode() if isinstance(value, bytes) else str(value)
-
-    return DeadLetter(
-        dlq_id=message.message_id or str(message.delivery_tag),
-        body=message.body,
-        reason=text("x-imgfleet-reason") or "unknown",
-        error=text("x-imgfleet-error") or "",
-        attempts=number("x-imgfleet-attempts"),
-        failed_at_s=number("x-imgfleet-failed-at-ms") / 1000,
-        run_id=text("x-imgfleet-run-id"),
-        item_id=text("x-imgfleet-item-id"),
-    )

@@ -52,6 +52,31 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    region: str = "us-east-1",
+    max_attempts: int = 5,
+    timeout_s: float = 60.0,
+) -> Any:
+    """A boto3 S3 client with standard-mode retries and bounded connect/read timeouts."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or None,
+        # None lets boto3 use its usual chain (env, profile, instance role).
+        aws_access_key_id=access_key_id or None,
+        aws_secret_access_key=secret_access_key or None,
+        region_name=region,
+        config=Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+        ),
+    )
+
+
 class S3Storage:
     """One bucket, keys under an optional prefix."""
 
@@ -75,18 +100,13 @@ class S3Storage:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url or None
         self.conditional_writes = conditional_writes
-        self._client = client or boto3.client(
-            "s3",
+        self._client = client or make_s3_client(
             endpoint_url=self.endpoint_url,
-            # None lets boto3 use its usual chain (env, profile, instance role).
-            aws_access_key_id=access_key_id or None,
-            aws_secret_access_key=secret_access_key or None,
-            region_name=region,
-            config=Config(
-                retries={"max_attempts": max_attempts, "mode": "standard"},
-                connect_timeout=timeout_s,
-                read_timeout=timeout_s,
-            ),
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            region=region,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
         )
 
     @classmethod

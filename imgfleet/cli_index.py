@@ -107,8 +107,8 @@ def policy_from_config(config: IndexConfig) -> Any:
     )
 
 
-def make_applier(settings: Settings) -> Any:
-    from imgfleet.wiring import make_storage
+def make_applier(settings: Settings, **kwargs: Any) -> Any:
+    from imgfleet.adapters import make_storage
     from index.apply import Applier
 
     c = settings.index
@@ -118,6 +118,7 @@ def make_applier(settings: Settings) -> Any:
         grace_s=c.grace_s,
         compact_delta_fraction=c.compact_delta_fraction,
         retrain_fraction=c.retrain_fraction,
+        **kwargs,
     )
 
 
@@ -174,7 +175,7 @@ def _generation_summary(info: Any) -> dict[str, Any]:
 
 
 def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
+    from imgfleet.adapters import make_storage
     from index.build import build_generation
 
     c = settings.index
@@ -191,11 +192,41 @@ def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
-    applier = make_applier(settings)
     if args.watch:
-        applier.watch(args.interval_s or settings.index.apply_interval_s)
-        return 0
-    _print(applier.apply_once().as_dict(), args.json)
+        return _watch_apply(args, settings)
+    _print(make_applier(settings).apply_once().as_dict(), args.json)
+    return 0
+
+
+def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
+    """The live apply loop, with the ops listener; SIGTERM ends it after the cycle.
+
+    /healthz answers while the process runs (a retrain may legitimately take long, so no
+    stall check); /readyz is 200 once a cycle succeeded and until one fails.
+    """
+    import contextlib
+    import signal
+    import threading
+
+    from common.health import Health
+    from common.metrics import default_metrics
+    from common.ops_http import OpsServer
+
+    health = Health(settings.metrics.stall_after_s)
+    applier = make_applier(settings, health=health)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    m = settings.metrics
+    ops = OpsServer(
+        default_metrics(),
+        health,
+        host=m.host,
+        port=m.port,
+        port_file=m.port_file or None,
+        process="index-apply",
+    )
+    with ops if m.enabled else contextlib.nullcontext():
+        applier.watch(args.interval_s or settings.index.apply_interval_s, stop)
     return 0
 
 
@@ -203,7 +234,7 @@ async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[in
     """(image ids of the run's dead-lettered jobs, letters whose job could not be read)."""
     from common.errors import ImgfleetError
     from common.schema import decode_job
-    from imgfleet.wiring import read_dead_letters
+    from imgfleet.adapters import read_dead_letters
 
     letters = await read_dead_letters(settings)
     ids, unreadable = [], 0
@@ -218,12 +249,23 @@ async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[in
 
 
 def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
+    from imgfleet.adapters import make_storage
     from index.build import build_generation
-    from index.runs import account_run, read_run, write_finalization
+    from index.runs import (
+        RunStillPublishingError,
+        account_run,
+        ensure_published,
+        read_run,
+        write_finalization,
+    )
 
     storage = make_storage(settings)
     run = read_run(storage, args.run_id)
+    try:
+        ensure_published(run)  # even --force: the expected job count is not known yet
+    except RunStillPublishingError as exc:
+        print(f"imgfleet: {exc}", file=sys.stderr)
+        return 1
     dead_ids, unreadable = asyncio.run(_dead_letters_of_run(settings, args.run_id))
     accounting = account_run(
         storage, run, dead_lettered_jobs=unreadable, dead_lettered_image_ids=dead_ids
@@ -256,7 +298,7 @@ def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
+    from imgfleet.adapters import make_storage
     from index.generations import status
 
     result = status(make_storage(settings))
@@ -286,7 +328,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
+    from imgfleet.adapters import make_storage
     from index.generations import GenerationError, rollback
 
     try:
@@ -299,7 +341,7 @@ def _cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
+    from imgfleet.adapters import make_storage
     from index.generations import prune
 
     c = settings.index
@@ -315,7 +357,7 @@ def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
+    from imgfleet.adapters import make_storage
     from index.generations import GenerationError, evaluate_generation
 
     policy_from_config(settings.index)  # thread count
@@ -342,7 +384,7 @@ def embed_image(target: str, settings: Settings) -> np.ndarray:
 
 
 def _cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.wiring import make_storage
+    from imgfleet.adapters import make_storage
     from index.search import Searcher
 
     policy_from_config(settings.index)

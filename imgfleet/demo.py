@@ -23,9 +23,10 @@ from common.errors import ImgfleetError
 from common.identity import image_id_for
 from common.logging import get_logger
 from common.schema import decode_job
+from imgfleet.adapters import make_broker, make_storage
 from imgfleet.demo_corpus import Corpus, make_corpus
 from imgfleet.image_server import ImageServer
-from imgfleet.wiring import make_broker, make_storage, run_worker
+from imgfleet.wiring import run_worker
 from index.build import build_generation
 from index.search import Searcher
 from producers.publish import publish_catalogue

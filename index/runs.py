@@ -1,7 +1,12 @@
 """Nightly runs: the run file the producer writes, and whether a run is accounted for.
 
 The producer writes ``runs/<run_id>.json`` (``run_id``, ``source``, ``expected_jobs``,
-``started_at_s``) before it publishes the run's jobs. A job is accounted for when a record
+``started_at_s``, the catalogue name and counts) in state ``publishing`` before it
+publishes the run's first job, and again in state ``published`` with the final
+``expected_jobs`` once every job is on the broker; a run still publishing cannot be
+finalised. Run files of older versions (without a state) read as published. Keys under
+``runs/<run_id>/`` (the producer's checkpoint and image snapshot) are not run files.
+A job is accounted for when a record
 tagged with the run id is in a segment (an upsert or a tombstone) or when the broker
 dead-lettered it. The dead-letter figures come from the composition root: this package
 never talks to a broker.
@@ -36,6 +41,20 @@ class RunNotFoundError(PermanentError):
     reason = Reason.BAD_MESSAGE
 
 
+class RunStillPublishingError(PermanentError):
+    """``finalize`` of a run whose producer has not published every job yet."""
+
+    reason = Reason.INTERNAL
+
+    def __init__(self, run: RunInfo) -> None:
+        super().__init__(
+            f"run {run.run_id!r} is still publishing ({run.published_jobs} jobs recorded so "
+            "far): its expected job count is not known yet. Wait for `imgfleet produce "
+            f"catalogue` to finish, or if it stopped, resume it with --resume {run.run_id}"
+        )
+        self.run = run
+
+
 class RunIncompleteError(PermanentError):
     """``finalize`` without ``--force`` on a run with jobs not accounted for."""
 
@@ -65,17 +84,35 @@ def final_key(run_id: str) -> str:
     return f"{RUNS_PREFIX}{check_run_id(run_id)}.final.json"
 
 
+RUN_PUBLISHING = "publishing"
+RUN_PUBLISHED = "published"
+RUN_STATES = (RUN_PUBLISHING, RUN_PUBLISHED)
+
+
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
     source: str
     expected_jobs: int
     started_at_s: float
+    catalogue: str = ""
+    state: str = RUN_PUBLISHED
+    published_jobs: int = 0  # upsert jobs
+    deleted_jobs: int = 0  # delete jobs for images gone since the previous run
+    rejected_rows: int = 0
+    duplicate_images: int = 0
+    finished_at_s: float | None = None  # when the producer published the last job
 
     def __post_init__(self) -> None:
         check_run_id(self.run_id)
         if self.expected_jobs < 0:
             raise ValueError(f"expected_jobs must be >= 0, got {self.expected_jobs}")
+        if self.state not in RUN_STATES:
+            raise ValueError(f"run state must be one of {RUN_STATES}, got {self.state!r}")
+
+    @property
+    def publishing(self) -> bool:
+        return self.state == RUN_PUBLISHING
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,14 +134,28 @@ def read_run(storage: Storage, run_id: str) -> RunInfo:
         raise RunNotFoundError(f"no run file {key!r}: was the run published with this id?")
     try:
         raw = orjson.loads(storage.get(key))
+        finished = raw.get("finished_at_s")
         return RunInfo(
             run_id=str(raw["run_id"]),
             source=str(raw.get("source", "")),
             expected_jobs=int(raw["expected_jobs"]),
             started_at_s=float(raw["started_at_s"]),
+            catalogue=str(raw.get("catalogue", "")),
+            state=str(raw.get("state", RUN_PUBLISHED)),
+            published_jobs=int(raw.get("published_jobs", 0)),
+            deleted_jobs=int(raw.get("deleted_jobs", 0)),
+            rejected_rows=int(raw.get("rejected_rows", 0)),
+            duplicate_images=int(raw.get("duplicate_images", 0)),
+            finished_at_s=None if finished is None else float(finished),
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise RunNotFoundError(f"run file {key!r} is not a valid run: {exc}") from exc
+
+
+def ensure_published(run: RunInfo) -> None:
+    """Raise unless the producer has published every job of the run."""
+    if run.publishing:
+        raise RunStillPublishingError(run)
 
 
 def list_runs(storage: Storage) -> list[RunInfo]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
@@ -14,3 +16,17 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> No
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def take_deliveries(broker: Any, n: int, timeout_s: float = 10.0) -> list[Any]:
+    """The next ``n`` deliveries of ``broker.consume()``, unsettled."""
+    got: list[Any] = []
+
+    async def pull() -> None:
+        async for delivery in broker.consume():
+            got.append(delivery)
+            if len(got) >= n:
+                return
+
+    await asyncio.wait_for(pull(), timeout_s)
+    return got

@@ -32,12 +32,14 @@ def test_jsonl_bad_rows_are_reported_with_line_numbers(tmp_path: Path) -> None:
         ("a", 2, 3, 1),
         ("42", 1, 0, 7),
     ]
-    assert [(r.line, r.reason.split(":")[0]) for r in rejects] == [
-        (2, "not JSON"),
-        (3, "missing item_id"),
-        (4, "image_urls must be a non-empty list of URLs"),
-        (5, "version is not an integer"),
+    assert [(r.line, r.reason) for r in rejects] == [
+        (2, rejects[0].reason),
+        (3, "item_id: missing"),
+        (4, "image_urls: no image URLs"),
+        (5, "version: not a non-negative integer: 'x'"),
     ]
+    assert rejects[0].reason.startswith("not JSON: ")
+    assert rejects[0].raw == "{broken"
 
 
 def test_csv_with_several_images_and_a_ragged_row(tmp_path: Path) -> None:
@@ -54,8 +56,13 @@ def test_csv_with_several_images_and_a_ragged_row(tmp_path: Path) -> None:
         "http://x/1.jpg",
         "http://x/2.jpg",
     )
-    assert isinstance(out[1], RejectedRow) and out[1].line == 3
-    assert isinstance(out[2], RejectedRow) and out[2].reason == "missing item_id"
+    assert out[1] == RejectedRow(
+        3, "CSV row has 4 cells, the header has 3", "b,http://x/3.jpg,1,extra"
+    )
+    assert isinstance(out[2], RejectedRow) and (out[2].line, out[2].reason) == (
+        4,
+        "item_id: missing",
+    )
     assert isinstance(out[3], CatalogueItem) and out[3].version == 0
 
 
