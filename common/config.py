@@ -43,6 +43,15 @@ class RabbitMQConfig(_Section):
     heartbeat_s: int = Field(default=30, ge=0)
     consumer_timeout_s: float = Field(default=1800.0, gt=0)  # the server's; we stay far below
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # A producer's publish ledger (one classic queue per run, resume without republishing)
+    # keeps this many newest messages; at least twice publish_window.
+    ledger_max_messages: int = Field(default=2048, ge=2)
+
+    @model_validator(mode="after")
+    def _ledger_holds_two_windows(self) -> RabbitMQConfig:
+        if self.ledger_max_messages < 2 * self.publish_window:
+            raise ValueError("ledger_max_messages must be at least 2 x publish_window")
+        return self
 
 
 class KafkaConfig(_Section):
@@ -145,6 +154,11 @@ class WorkerConfig(_Section):
     stage_queue_size: int = Field(default=64, ge=1)
     shutdown_deadline_s: float = Field(default=30.0, gt=0)
     embed_threads: int = Field(default=0, ge=0)  # 0: torch picks from the core count
+    # The broker unreachable (first connect included) this long: exit 1 for a restart.
+    broker_give_up_s: float = Field(default=300.0, gt=0)
+    # Decode pool restarts in a row with no decode completing: exit 1 (the pool cannot
+    # be restarted); a crashing image costs one restart, and successes reset the count.
+    decode_pool_max_restarts: int = Field(default=20, ge=1)
 
 
 class ModelConfig(_Section):
@@ -220,6 +234,7 @@ class ProducerConfig(_Section):
     url_separator: str = "|"
     max_images_per_item: int = Field(default=16, ge=1, le=1000)
     batch_size: int = Field(default=500, ge=1)  # jobs handed to the broker at once
+    publish_in_flight: int = Field(default=4, ge=1)  # batches awaiting their confirms at once
     max_rate_per_s: float = Field(default=0.0, ge=0)  # jobs/s; 0: unlimited
     checkpoint_interval_s: float = Field(default=5.0, gt=0)  # resume point write interval
     delete_missing: bool = True  # items gone since the last complete run become deletes
@@ -252,6 +267,8 @@ class MetricsConfig(_Section):
     # while there is work.
     stall_after_s: float = Field(default=120.0, gt=0)
     queue_poll_interval_s: float = Field(default=15.0, gt=0)  # queue depth / lag gauges
+    # The bound port is written here once listening (useful with port = 0).
+    port_file: str = ""
 
 
 class LoggingConfig(_Section):

@@ -14,7 +14,7 @@ import orjson
 
 from common.config import Settings, load_settings, masked_dump
 from common.errors import ConfigError, ImgfleetError
-from common.logging import configure_logging
+from common.logging import configure_logging, settings_secrets
 from imgfleet.cli_index import register as register_index_commands
 from imgfleet.cli_ops import register as register_ops_commands
 from imgfleet.cli_produce import register as register_produce_commands
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgfleet: {exc}", file=sys.stderr)
         return 2
     configure_logging(
-        args.log_format or settings.logging.format, args.log_level or settings.logging.level
+        args.log_format or settings.logging.format,
+        args.log_level or settings.logging.level,
+        secrets=settings_secrets(settings),
     )
     try:
         return int(_dispatch(args, settings) or 0)
@@ -167,10 +169,31 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_work(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit codes (common.health.ExitCode): 0 drained on SIGTERM or --until-idle, 1
+    unrecoverable (broker gone past worker.broker_give_up_s, model or decode pool failed),
+    2 configuration, 130 SIGINT (after draining like SIGTERM)."""
+    from common.health import ExitCode, UnrecoverableError
+    from common.logging import get_logger
     from imgfleet.wiring import run_worker
 
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    stats = asyncio.run(run_worker(settings, worker_id=worker_id, until_idle=args.until_idle))
+    try:
+        stats = asyncio.run(
+            run_worker(
+                settings,
+                worker_id=worker_id,
+                until_idle=args.until_idle,
+                serve_ops=settings.metrics.enabled,
+            )
+        )
+    except UnrecoverableError as exc:
+        get_logger("worker").error(
+            "worker exiting: unrecoverable",
+            component=exc.component,
+            error=str(exc),
+            exit_code=int(ExitCode.UNRECOVERABLE),
+        )
+        return ExitCode.UNRECOVERABLE
     if args.json:
         _print_json(stats.as_dict())
-    return 0
+    return ExitCode.INTERRUPTED if stats.stopped_by == "SIGINT" else ExitCode.OK

@@ -9,13 +9,18 @@ Answers are ``{"generation": N, "hits": [{"item_id", "image_id", "score"}]}``. T
 re-reads the manifest every ``index.reload_interval_s`` in the background and swaps the new
 state in whole, so a request sees one generation. FAISS releases the GIL, so searches run
 in worker threads and the event loop stays responsive.
+
+`imgfleet serve search` also starts the ops listener (``metrics.host:metrics.port``):
+``imgfleet_index_generation`` and ``imgfleet_index_shard_vectors`` of the generation it
+serves, ``/healthz`` failing when the event loop stops beating, ``/readyz`` once a
+generation is loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -23,7 +28,10 @@ from aiohttp import web
 
 from common.config import Settings
 from common.errors import ImgfleetError
+from common.health import Health
 from common.logging import get_logger
+from common.metrics import default_metrics
+from common.ops_http import OpsServer
 from index.search import Hit, Searcher
 
 MAX_K = 1000
@@ -119,7 +127,16 @@ def _image_embedder(settings: Settings) -> Any:
     return embed
 
 
-def make_app(searcher: Searcher, *, reload_interval_s: float, embed: Any = None) -> web.Application:
+def make_app(
+    searcher: Searcher,
+    *,
+    reload_interval_s: float,
+    embed: Any = None,
+    on_reload: Callable[[Searcher], None] | None = None,
+    health: Health | None = None,
+) -> web.Application:
+    """``on_reload(searcher)`` runs at start and after every reload (gauges, readiness);
+    with ``health`` the event loop beats its heartbeat."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[_SEARCHER] = searcher
     app[_EMBED] = embed
@@ -132,14 +149,20 @@ def make_app(searcher: Searcher, *, reload_interval_s: float, embed: Any = None)
                 try:
                     if await asyncio.to_thread(searcher.reload_if_changed):
                         log.info("reloaded", generation=searcher.generation)
+                        if on_reload is not None:
+                            on_reload(searcher)
                 except Exception as exc:  # keep serving what is loaded
                     log.error("reload_failed", error=str(exc))
 
-        task = asyncio.create_task(loop())
+        if on_reload is not None:
+            on_reload(searcher)
+        tasks = [asyncio.create_task(loop())]
+        if health is not None:
+            tasks.append(asyncio.create_task(health.beat_event_loop()))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     app.cleanup_ctx.append(reloader)
     app.router.add_get("/healthz", healthz)
@@ -151,20 +174,41 @@ def make_app(searcher: Searcher, *, reload_interval_s: float, embed: Any = None)
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
+    from imgfleet.adapters import make_storage
     from imgfleet.cli_index import policy_from_config
-    from imgfleet.wiring import make_storage
 
     policy_from_config(settings.index)
     searcher = Searcher(make_storage(settings))
+    metrics = default_metrics()
+    health = Health(settings.metrics.stall_after_s)
+
+    def served(current: Searcher) -> None:
+        info = current.info
+        if info is not None:
+            metrics.set_index_shards(info.generation, {s.shard: s.vectors for s in info.shards})
+        health.set_ready("generation", current.generation is not None)
+
     app = make_app(
         searcher,
         reload_interval_s=settings.index.reload_interval_s,
         embed=_image_embedder(settings),
+        on_reload=served,
+        health=health,
     )
     host = host or settings.index.serve_host
     port = settings.index.serve_port if port is None else port
     get_logger("search_server").info(
         "serving", host=host, port=port, generation=searcher.generation
     )
-    web.run_app(app, host=host, port=port, print=None)
+    m = settings.metrics
+    ops = OpsServer(
+        metrics,
+        health,
+        host=m.host,
+        port=m.port,
+        port_file=m.port_file or None,
+        process="search",
+    )
+    with ops if m.enabled else contextlib.nullcontext():
+        web.run_app(app, host=host, port=port, print=None)
     return 0

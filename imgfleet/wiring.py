@@ -1,19 +1,29 @@
-"""Configuration -> concrete adapters. The only module that picks a broker or storage kind."""
+"""Configuration -> a running worker: model, fetcher, decoder, pipeline, ops endpoints.
+
+Brokers and storage are picked in imgfleet/adapters.py (re-exported here), which does
+not import torch, so the ops commands start quickly.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
+import time
 from typing import Any
 
-from common.broker import Broker, DeadLetter
+from common.broker import Broker
 from common.config import Settings
-from common.errors import ConfigError
-from common.local_broker import LocalBroker
-from common.logging import get_logger
-from common.storage import LocalStorage, Storage
+from common.errors import ConfigError, ImgfleetError
+from common.health import Health, UnrecoverableError
+from common.logging import bind_process, get_logger, unbind_process
+from common.metrics import Metrics, default_metrics, poll_queue_stats
+from common.ops_http import OpsServer
+from imgfleet.adapters import (
+    decode_processes,
+    make_broker,
+    make_storage,
+)
 from index.segments import SegmentWriter
 from workers.backends import EngineOptions
 from workers.decode_pool import IN_FLIGHT_PER_PROCESS, DecodePool
@@ -23,68 +33,6 @@ from workers.model import load_model
 from workers.model_sources import resolve_model_path
 from workers.pipeline import PipelineSettings, Worker, WorkerStats
 from workers.preprocess import INPUT_SIZE
-
-
-def broker_prefetch(settings: Settings) -> int:
-    """Jobs a worker holds unsettled: what its stages can work on or queue at once.
-
-    More only waits in memory (and, on RabbitMQ, counts toward consumer_timeout); less
-    starves a stage.
-    """
-    if settings.broker.prefetch:
-        return settings.broker.prefetch
-    w = settings.worker
-    return (
-        w.fetch_concurrency
-        + IN_FLIGHT_PER_PROCESS * decode_processes(settings)
-        + 3 * w.stage_queue_size
-        + 2 * w.max_batch
-    )
-
-
-def make_broker(settings: Settings) -> Broker:
-    b = settings.broker
-    if b.kind == "local":
-        return LocalBroker(
-            b.local_path,
-            prefetch=broker_prefetch(settings),
-            visibility_timeout_s=b.visibility_timeout_s,
-            poll_interval_s=b.poll_interval_s,
-        )
-    if b.kind == "rabbitmq":
-        from common.rabbitmq_broker import RabbitMQBroker
-
-        return RabbitMQBroker.from_config(b, prefetch=broker_prefetch(settings))
-    if b.kind == "kafka":
-        from common.kafka_broker import KafkaBroker
-
-        return KafkaBroker.from_config(b)
-    raise ConfigError(f"unknown broker.kind={b.kind!r}")
-
-
-async def read_dead_letters(settings: Settings, limit: int = 10**9) -> list[DeadLetter]:
-    """Every dead-lettered job the configured broker holds, read without removing any."""
-    broker = make_broker(settings)
-    await broker.connect()
-    try:
-        return await broker.dead_letters(limit=limit)
-    finally:
-        await broker.close()
-
-
-def make_storage(settings: Settings) -> Storage:
-    s = settings.storage
-    if s.kind == "local":
-        return LocalStorage(s.root)
-    if s.kind == "s3":
-        from common.s3_storage import S3Storage
-
-        return S3Storage.from_config(s)
-    raise ConfigError(f"unknown storage.kind={s.kind!r}")
-
-
-def decode_processes(settings: Settings) -> int:
-    return settings.worker.decode_processes or max(os.cpu_count() or 1, 1)
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
@@ -103,6 +51,7 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
         retry_max_s=b.retry_max_s,
         shutdown_deadline_s=w.shutdown_deadline_s,
         index_recovered=w.truncated_policy == "index",
+        consume_give_up_s=w.broker_give_up_s,
     )
 
 
@@ -220,6 +169,106 @@ def make_decoder(settings: Settings, pool: DecodePool, log: Any) -> Any:
     )
 
 
+def broker_connected(broker: Any) -> bool:
+    """The adapter's own view (``is_connected()``); adapters without one (local) are."""
+    is_connected = getattr(broker, "is_connected", None)
+    return bool(is_connected()) if callable(is_connected) else True
+
+
+def broker_has_work(broker: Any) -> bool:
+    """Kafka: the group assigned this consumer partitions (a surplus member has no work,
+    which makes it unready but is no reason to exit). Other brokers: always."""
+    assigned = getattr(broker, "assigned_partitions", None)
+    return assigned is None or assigned > 0
+
+
+async def connect_broker(broker: Broker, give_up_s: float, log: Any) -> None:
+    """Connect, retrying transient failures for up to ``give_up_s``; then unrecoverable.
+
+    Refused credentials and invalid settings are ``ConfigError`` at once: waiting will
+    not fix them.
+    """
+    deadline_s = time.monotonic() + give_up_s
+    delay_s = 1.0
+    while True:
+        try:
+            await broker.connect()
+            return
+        except ConfigError:
+            raise
+        except (ImgfleetError, OSError) as exc:
+            left_s = deadline_s - time.monotonic()
+            if left_s <= 0:
+                raise UnrecoverableError(
+                    f"broker unreachable for {give_up_s:.0f} s: {exc}", "broker"
+                ) from exc
+            log.warning("broker unreachable; retrying", error=str(exc), give_up_in_s=round(left_s))
+            await asyncio.sleep(min(delay_s, left_s))
+            delay_s = min(delay_s * 2, 10.0)
+
+
+async def _watch_broker(
+    broker: Any,
+    worker: Worker,
+    health: Health,
+    metrics: Metrics,
+    *,
+    give_up_s: float,
+    log: Any,
+    interval_s: float = 0.5,
+) -> None:
+    """Readiness follows the connection (and, on Kafka, the partition assignment); a
+    connection down past ``give_up_s`` is fatal."""
+    down_since_s: float | None = None
+    while True:
+        connected = broker_connected(broker)
+        health.set_ready("broker", connected and broker_has_work(broker))
+        metrics.broker_connected.set(int(connected))
+        now_s = time.monotonic()
+        if connected and down_since_s is not None:
+            log.info("broker connection back; ready", down_s=round(now_s - down_since_s, 1))
+            down_since_s = None
+        elif not connected and down_since_s is None:
+            log.warning("broker connection lost; not ready", give_up_s=give_up_s)
+            down_since_s = now_s
+        elif down_since_s is not None and now_s - down_since_s > give_up_s:
+            worker.fail(UnrecoverableError(f"broker unreachable for {give_up_s:.0f} s", "broker"))
+            return
+        await asyncio.sleep(interval_s)
+
+
+async def _poll_gauges(
+    broker: Any, embedder: Any, metrics: Metrics, *, queue_interval_s: float, log: Any
+) -> None:
+    """Queue depth / lag every ``queue_interval_s``; the GPU every few seconds."""
+    sample_gpu = getattr(embedder, "gpu_sample", None)
+    gpu_interval_s = min(5.0, queue_interval_s)
+    next_queue_s = 0.0
+    while True:
+        now_s = time.monotonic()
+        if now_s >= next_queue_s:
+            next_queue_s = now_s + queue_interval_s
+            try:
+                await poll_queue_stats(broker, metrics)
+            except Exception as exc:  # the broker may be away; readiness says so already
+                log.debug("queue gauges not updated", error=str(exc))
+        if sample_gpu is not None:
+            try:
+                sample = await asyncio.to_thread(sample_gpu)
+            except Exception as exc:
+                log.debug("GPU gauges not updated", error=str(exc))
+                sample = None
+                sample_gpu = None  # do not retry a device query that fails
+            if sample is not None:
+                metrics.set_gpu(
+                    str(sample.index),
+                    utilization=sample.utilization,
+                    used_bytes=sample.used_bytes,
+                    total_bytes=sample.total_bytes,
+                )
+        await asyncio.sleep(min(gpu_interval_s, max(next_queue_s - time.monotonic(), 0.1)))
+
+
 async def run_worker(
     settings: Settings,
     *,
@@ -227,11 +276,74 @@ async def run_worker(
     until_idle: bool = False,
     progress_total: int | None = None,
     embedder: Any = None,
+    serve_ops: bool = False,
 ) -> WorkerStats:
-    """Run one worker until SIGTERM/SIGINT (or until the queue is drained)."""
-    log = get_logger("worker", worker_id=worker_id)
+    """Run one worker until SIGTERM/SIGINT (or until the queue is drained).
+
+    ``serve_ops`` starts the ops listener (``/metrics``, ``/healthz``, ``/readyz`` on
+    ``metrics.host:metrics.port``) for the life of the worker; `imgfleet work` turns it on
+    when ``metrics.enabled``. Raises ``UnrecoverableError`` when the worker cannot go on
+    (broker unreachable past ``worker.broker_give_up_s``, the model or the decode pool
+    failed) and ``ConfigError`` for invalid settings; both after handing back its jobs.
+    """
+    bind_process(worker_id=worker_id)
+    log = get_logger("worker")
+    metrics = default_metrics()
+    health = Health(settings.metrics.stall_after_s)
+    health.on_readiness_change(lambda ready: metrics.worker_ready.set(int(ready)))
+    health.set_ready("model", False)
+    health.set_ready("broker", False)
+    ops: OpsServer | None = None
+    if serve_ops:
+        m = settings.metrics
+        ops = OpsServer(metrics, health, host=m.host, port=m.port, port_file=m.port_file or None)
+        ops.start()
+    background: list[asyncio.Task[None]] = [
+        asyncio.create_task(
+            health.beat_event_loop(
+                min(1.0, settings.metrics.stall_after_s / 4), on_lag=metrics.event_loop_lag.set
+            )
+        )
+    ]
+    try:
+        return await _run_worker(
+            settings,
+            worker_id=worker_id,
+            until_idle=until_idle,
+            progress_total=progress_total,
+            embedder=embedder,
+            metrics=metrics,
+            health=health,
+            background=background,
+            log=log,
+        )
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        health.set_ready("broker", False)
+        metrics.broker_connected.set(0)
+        if ops is not None:
+            ops.stop()
+        unbind_process("worker_id")
+
+
+async def _run_worker(
+    settings: Settings,
+    *,
+    worker_id: str,
+    until_idle: bool,
+    progress_total: int | None,
+    embedder: Any,
+    metrics: Metrics,
+    health: Health,
+    background: list[asyncio.Task[None]],
+    log: Any,
+) -> WorkerStats:
+    give_up_s = settings.worker.broker_give_up_s
     broker = make_broker(settings)
-    await broker.connect()
+    await connect_broker(broker, give_up_s, log)
+    health.set_ready("broker", broker_connected(broker))
     storage = make_storage(settings)
     writer = SegmentWriter(storage, settings.index.n_shards, worker_id)
     pool = DecodePool(
@@ -239,6 +351,8 @@ async def run_worker(
         max_pixels=settings.worker.max_pixels,
         recover_truncated=True,
         min_decoded_fraction=settings.worker.recovered_min_fraction,
+        max_restarts=settings.worker.decode_pool_max_restarts,
+        on_restart=metrics.decode_pool_restarts.inc,
     )
     known = None
     if settings.worker.skip_unchanged:
@@ -248,8 +362,21 @@ async def run_worker(
     try:
         # Decode processes start while the model loads; both take seconds.
         warm = asyncio.create_task(pool.warm_up())
-        embedder = embedder or await asyncio.to_thread(make_embedder, settings)
-        await warm
+        try:
+            embedder = embedder or await asyncio.to_thread(make_embedder, settings)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise UnrecoverableError(
+                f"the model failed to load: {type(exc).__name__}: {exc}", "model"
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await warm
+        if pool.failed:
+            raise UnrecoverableError("the decode pool could not be started", "decode_pool")
+        health.set_ready("model", True)
+        metrics.set_build_info(embedder.model_id)
         async with make_fetcher(settings) as fetcher:
             worker = Worker(
                 broker,
@@ -261,18 +388,42 @@ async def run_worker(
                 worker_id=worker_id,
                 progress_total=progress_total,
                 known=known,
+                metrics=metrics,
+                health=health,
+            )
+            background.append(
+                asyncio.create_task(
+                    _watch_broker(broker, worker, health, metrics, give_up_s=give_up_s, log=log)
+                )
+            )
+            background.append(
+                asyncio.create_task(
+                    _poll_gauges(
+                        broker,
+                        embedder,
+                        metrics,
+                        queue_interval_s=settings.metrics.queue_poll_interval_s,
+                        log=log,
+                    )
+                )
             )
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, worker.request_stop)
+                    loop.add_signal_handler(sig, worker.request_stop, sig.name)
             log.info("worker started", model_id=embedder.model_id, broker=repr(broker))
-            stats = await worker.run(until_idle=until_idle)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.remove_signal_handler(sig)
+            try:
+                stats = await worker.run(until_idle=until_idle)
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    with contextlib.suppress(NotImplementedError, RuntimeError):
+                        loop.remove_signal_handler(sig)
     finally:
         pool.close()
-        await broker.close()
+        with contextlib.suppress(Exception):
+            # Bounded: a broker that is away must not hold the exit (closing the
+            # connection is what returns unacked jobs; a lost one has returned them).
+            close_s = 10.0 if broker_connected(broker) else 2.0
+            await asyncio.wait_for(broker.close(), timeout=close_s)
     log.info("worker stopped", **stats.as_dict())
     return stats

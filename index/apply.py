@@ -36,7 +36,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+from common.health import Health
 from common.logging import get_logger
+from common.metrics import Metrics, default_metrics
 from common.storage import Storage
 from index.build import (
     DEFAULT_GRACE_S,
@@ -141,6 +143,8 @@ class Applier:
         retrain_fraction: float = 0.5,
         max_segments: int = 5_000,
         log: Any = None,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.storage = storage
         self.policy = policy or IndexPolicy()
@@ -150,12 +154,40 @@ class Applier:
         self.retrain_fraction = retrain_fraction
         self.max_segments = max_segments
         self.log = log or get_logger("index.apply")
+        self.metrics = metrics or default_metrics()
+        self.health = health
         self._cache: dict[tuple[int, int], _ShardState] = {}
 
     # --- public ---------------------------------------------------------------------
 
     def apply_once(self) -> ApplyReport:
         """Apply the current generation's pending segments and publish; retried on conflict."""
+        try:
+            report = self._apply_once()
+        except Exception:
+            self.metrics.index_apply_cycles.labels(outcome="error").inc()
+            if self.health is not None:
+                self.health.set_ready("apply", False)
+            raise
+        self.metrics.index_apply_cycles.labels(outcome="ok").inc()
+        self.metrics.index_apply_last_success.set(time.time())
+        if self.health is not None:
+            self.health.set_ready("apply", True)
+        return report
+
+    def _published(self, gen: GenerationInfo, applied: list[str], report: ApplyReport) -> None:
+        """Gauges after a cycle: the generation, its shards, how long the changes waited."""
+        m = self.metrics
+        m.set_index_shards(gen.generation, {s.shard: s.vectors for s in gen.shards})
+        if applied:
+            oldest_ns = min(segment_time_ns(key) for key in applied)
+            m.live_apply_delay.set(max(time.time_ns() - oldest_ns, 0) / 1e9)
+        else:
+            m.live_apply_delay.set(0)
+        m.index_applied_records.labels(op="upsert").inc(report.upserts)
+        m.index_applied_records.labels(op="delete").inc(report.deletes)
+
+    def _apply_once(self) -> ApplyReport:
         started_s = time.perf_counter()
         for _ in range(20):
             versioned = load_versioned(self.storage)
@@ -166,11 +198,13 @@ class Applier:
             pending = gen.pending(list_segments(self.storage))
             report = ApplyReport(generation=gen.generation)
             if not pending:
+                self._published(gen, [], report)
                 return report
             new_gen, report = self._apply(gen, pending, listing_ns)
             updated = with_updated_generation(versioned.manifest, new_gen)
             if write_manifest(self.storage, updated, versioned.token):
                 report.seconds = time.perf_counter() - started_s
+                self._published(new_gen, pending[: self.max_segments], report)
                 self.log.info("segments_applied", **report.as_dict())
                 return report
             # Someone else published first: what we changed in memory was not published.

@@ -230,6 +230,10 @@ class SegmentWriter:
         self._lock = threading.Lock()
 
     @property
+    def n_shards(self) -> int:
+        return self._n_shards
+
+    @property
     def pending_count(self) -> int:
         with self._lock:
             return sum(len(records) for records in self._pending.values())

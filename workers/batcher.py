@@ -83,14 +83,20 @@ async def next_batch(
     max_wait_s: float,
     *,
     stats: BatchStats | None = None,
+    on_first: Callable[[], None] | None = None,
+    on_closed: Callable[[int, float], None] | None = None,
 ) -> list[T]:
     """Block for the first item, then gather more until the batch is full or time is up.
 
     Waiting only after the first item keeps an idle worker from spinning and a trickle of
-    CMS jobs from waiting longer than ``max_wait_s`` behind an empty batch.
+    CMS jobs from waiting longer than ``max_wait_s`` behind an empty batch. ``on_first``
+    runs when the first item arrives (the batch's work has begun), ``on_closed(size,
+    wait_s)`` when the batch closes (metrics: size, fill, time from first item to close).
     """
     batch = [await queue.get()]
     started_s = time.monotonic()
+    if on_first is not None:
+        on_first()
     deadline = started_s + max_wait_s
     while len(batch) < max_batch:
         # Take whatever is already queued without yielding to the loop once per item.
@@ -103,7 +109,10 @@ async def next_batch(
             batch.append(await asyncio.wait_for(queue.get(), remaining_s))
         except TimeoutError:
             break
-    (stats or BATCH_STATS).record(len(batch), max_batch, time.monotonic() - started_s)
+    wait_s = time.monotonic() - started_s
+    (stats or BATCH_STATS).record(len(batch), max_batch, wait_s)
+    if on_closed is not None:
+        on_closed(len(batch), wait_s)
     return batch
 
 

@@ -13,7 +13,12 @@ pickled return, so the pool never blocks on slots.
 Workers are started with "spawn" by default: the parent has torch (and CUDA) loaded, and
 forking a process with live CUDA state or foreign threads is unsafe. A spawned child
 re-imports the parent's ``__main__`` module, so the entry point must keep heavy imports
-under ``if __name__ == "__main__"``.
+under ``if __name__ == "__main__"``. Each child repeats the parent's logging set-up (format,
+level, masked secrets, worker id), so its lines look like the parent's.
+
+A pool that keeps dying is not restarted forever: after ``max_restarts`` restarts in a
+row with no decode completing in between, every decode raises ``UnrecoverableError`` and
+the worker exits for its orchestrator to restart it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from common.errors import Reason, TransientError
+from common.health import UnrecoverableError
+from common.logging import apply_logging_config, get_logger, logging_config
 from workers.decode import (
     DEFAULT_MAX_PIXELS,
     DecodeResult,
@@ -64,7 +71,9 @@ def _tune_malloc() -> None:
         pass  # not glibc: nothing to tune
 
 
-def _init_child() -> None:
+def _init_child(log_config: dict[str, Any] | None = None) -> None:
+    if log_config is not None:
+        apply_logging_config(log_config, process="decode", pid=os.getpid())
     configure_decoder_threads()
     _tune_malloc()
 
@@ -142,6 +151,8 @@ class DecodePool:
         min_decoded_fraction: float = 0.0,
         start_method: str = "spawn",
         shared_slots: int | None = None,
+        max_restarts: int = 20,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
@@ -159,14 +170,32 @@ class DecodePool:
         self._mp_context = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._closed = False
+        self._log_config = logging_config()
         self._executor = self._new_executor()
         self.restarts = 0  # how many times a dead worker forced a new executor
+        self.max_restarts = max_restarts
+        self.restarts_in_a_row = 0  # since the last decode that completed
+        self._on_restart = on_restart
+        self._log = get_logger("decode_pool")
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             max_workers=self.processes,
             mp_context=self._mp_context,
             initializer=_init_child,
+            initargs=(self._log_config,),
+        )
+
+    @property
+    def failed(self) -> bool:
+        """True once the pool has died ``max_restarts`` times in a row: it is given up."""
+        return self.restarts_in_a_row >= self.max_restarts
+
+    def _given_up(self) -> UnrecoverableError:
+        return UnrecoverableError(
+            f"the decode pool died {self.restarts_in_a_row} times in a row without "
+            "completing a decode; giving up",
+            "decode_pool",
         )
 
     async def decode(self, data: bytes) -> DecodeResult:
@@ -221,14 +250,26 @@ class DecodePool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("DecodePool is closed")
+            if self.failed:
+                raise self._given_up()
             executor = self._executor
             try:
-                inner = executor.submit(fn, *args)
-            except BrokenProcessPool:
-                # The pool broke before anyone collected a result; this job was never in
-                # flight, so it gets a fresh executor rather than an error.
-                executor = self._replace_locked(executor)
-                inner = executor.submit(fn, *args)
+                try:
+                    inner = executor.submit(fn, *args)
+                except BrokenProcessPool:
+                    # The pool broke before anyone collected a result; this job was never
+                    # in flight, so it gets a fresh executor rather than an error.
+                    executor = self._replace_locked(executor)
+                    inner = executor.submit(fn, *args)
+            except (BrokenProcessPool, OSError) as exc:
+                # Processes could not be started (fork limit, memory): count it like a
+                # crash, so a pool that cannot start at all is given up.
+                self._replace_locked(executor)
+                if self.failed:
+                    raise self._given_up() from exc
+                raise TransientError(
+                    f"could not start decode processes: {exc}", Reason.DECODER_CRASHED
+                ) from exc
         outer: Future[T] = Future()
         outer.set_running_or_notify_cancel()
         inner.add_done_callback(lambda done: self._settle(executor, done, outer))
@@ -244,13 +285,21 @@ class DecodePool:
             with self._lock:
                 if not self._closed:
                     self._replace_locked(executor)
-            crashed = TransientError(
-                "a decode worker process died while this job was in flight",
-                Reason.DECODER_CRASHED,
+                failed = self.failed
+            crashed: Exception = (
+                self._given_up()
+                if failed
+                else TransientError(
+                    "a decode worker process died while this job was in flight",
+                    Reason.DECODER_CRASHED,
+                )
             )
             crashed.__cause__ = exc
             outer.set_exception(crashed)
-        elif exc is not None:
+            return
+        # A result or an error raised by the decoder: the processes work.
+        self.restarts_in_a_row = 0
+        if exc is not None:
             outer.set_exception(exc)
         else:
             outer.set_result(inner.result())
@@ -262,6 +311,15 @@ class DecodePool:
             # itself, and this may be running on that very thread.
             self._executor = self._new_executor()
             self.restarts += 1
+            self.restarts_in_a_row += 1
+            self._log.warning(
+                "decode pool restarted",
+                restarts=self.restarts,
+                restarts_in_a_row=self.restarts_in_a_row,
+                max_restarts=self.max_restarts,
+            )
+            if self._on_restart is not None:
+                self._on_restart()
         return self._executor
 
     async def warm_up(self) -> None:

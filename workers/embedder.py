@@ -37,6 +37,35 @@ class NonFiniteEmbeddingError(TransientError):
         self.rows = rows
 
 
+@dataclass(frozen=True)
+class GpuSample:
+    """One device's figures for the GPU gauges."""
+
+    index: int
+    utilization: float | None  # 0..1; None without NVML (nvidia-ml-py)
+    used_bytes: int
+    total_bytes: int
+
+
+def sample_gpu(device: torch.device) -> GpuSample | None:
+    """Utilisation and memory of the device the embedder runs on; None on the CPU.
+
+    Memory comes from the CUDA runtime (the whole device, other processes included);
+    utilisation from NVML through torch, when nvidia-ml-py is installed. Only the
+    embedder's own device is read: querying another would create a CUDA context on it.
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free_bytes, total_bytes = torch.cuda.mem_get_info(index)
+    utilization: float | None
+    try:
+        utilization = torch.cuda.utilization(index) / 100.0
+    except Exception:  # no pynvml / NVML: memory alone
+        utilization = None
+    return GpuSample(index, utilization, int(total_bytes - free_bytes), int(total_bytes))
+
+
 def usable_cpus() -> int:
     # os.cpu_count() reports the host's cores; a container pinned to fewer cores that runs
     # one thread per host core spends its time context switching.
@@ -145,6 +174,10 @@ class Embedder:
     @property
     def dim(self) -> int:
         return self.card.output_dim
+
+    def gpu_sample(self) -> GpuSample | None:
+        """The embedding device's utilisation and memory (None on the CPU)."""
+        return sample_gpu(self.device)
 
     @property
     def input_size(self) -> int:

@@ -50,6 +50,7 @@ class Fleet:
                 "IMGFLEET_WORKER__EMBED_THREADS": "1",
                 "IMGFLEET_WORKER__FETCH_ALLOW_NETWORKS": '["127.0.0.1/32"]',  # loopback server
                 "IMGFLEET_LOGGING__FORMAT": "json",
+                "IMGFLEET_METRICS__PORT": "0",  # workers run side by side: any free port
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -72,6 +72,36 @@ async def _delete_topology(config: BrokerConfig) -> None:
     await broker.close()
 
 
+def drain_image_ids(url: str, prefix: str, *, idle_s: float = 3.0) -> set[int]:
+    """Consume and ack everything queued under ``prefix``; the image ids it held."""
+    from common.schema import decode_job
+
+    image_ids: set[int] = set()
+
+    async def drain() -> None:
+        broker = RabbitMQBroker(broker_config(url, prefix), prefetch=2000)
+        await broker.connect()
+        stream = broker.consume()
+        batch = []
+        while True:
+            try:
+                delivery = await asyncio.wait_for(anext(stream), idle_s)
+            except TimeoutError:
+                break
+            image_ids.add(decode_job(delivery.body).image_id)
+            batch.append(delivery)
+            if len(batch) >= 500:
+                await broker.ack(batch)
+                batch = []
+        await broker.ack(batch)
+        assert await broker.pending() == 0
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.close()
+
+    asyncio.run(drain())
+    return image_ids
+
+
 @pytest.fixture
 def rabbit_prefix(rabbitmq_url: str) -> Iterator[str]:
     prefix = f"t-{uuid.uuid4().hex[:10]}"

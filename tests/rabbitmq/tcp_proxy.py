@@ -15,6 +15,7 @@ class TcpProxy:
         self.upstream = (upstream_host, upstream_port)
         self.port = 0
         self.connections_seen = 0
+        self.refusing = False  # while set, new connections are dropped: the broker looks down
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
@@ -55,6 +56,9 @@ class TcpProxy:
         return len(writers) // 2
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            client_w.transport.abort()
+            return
         try:
             upstream_r, upstream_w = await asyncio.open_connection(*self.upstream)
         except OSError:

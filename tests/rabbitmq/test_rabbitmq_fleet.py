@@ -25,7 +25,7 @@ from common.schema import SCHEMA_VERSION, Job, Lane, decode_job
 from common.storage import LocalStorage
 from imgfleet.image_server import ImageServer
 from index.segments import list_segments, read_segment
-from tests.rabbitmq.conftest import RabbitFleet, broker_config
+from tests.rabbitmq.conftest import RabbitFleet, drain_image_ids
 from tests.rabbitmq.tcp_proxy import TcpProxy
 from tests.waiting import wait_for
 
@@ -246,28 +246,6 @@ def test_a_live_job_overtakes_20k_bulk_jobs_and_sigterm_loses_nothing(
 
     # SIGTERM lost nothing: what the worker did not index is still queued.
     indexed = set(_segment_image_ids(rabbit_fleet.store_root))
-    remaining: set[int] = set()
-
-    async def drain() -> None:
-        broker = RabbitMQBroker(broker_config(rabbit_fleet.url, rabbit_fleet.prefix), prefetch=2000)
-        await broker.connect()
-        stream = broker.consume()
-        batch = []
-        while True:
-            try:
-                delivery = await asyncio.wait_for(anext(stream), 3)
-            except TimeoutError:
-                break
-            remaining.add(decode_job(delivery.body).image_id)
-            batch.append(delivery)
-            if len(batch) >= 500:
-                await broker.ack(batch)
-                batch = []
-        await broker.ack(batch)
-        assert await broker.pending() == 0
-        await stream.aclose()  # type: ignore[attr-defined]
-        await broker.close()
-
-    asyncio.run(drain())
+    remaining = drain_image_ids(rabbit_fleet.url, rabbit_fleet.prefix)
     expected = {job.image_id for job in bulk} | {image_id_for("cms-change", "0")}
     assert indexed | remaining == expected
