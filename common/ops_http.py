@@ -120,7 +120,7 @@ class OpsServer:
         )
         self._thread.start()
         if self.port_file is not None:
-            _write_atomically(self.port_file, f"{self.port}\n")
+            write_port_file(self.port_file, self.port)
         self._log.info(
             "ops_http_listening",
             host=self.host,
@@ -154,13 +154,14 @@ class OpsServer:
         self.stop()
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_port_file(path: Path, port: int) -> None:
+    """Write the bound port for a supervisor or a test to find (port 0 binds any)."""
     # A reader polling for the file never sees it half written.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+            fh.write(f"{port}\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -76,7 +76,46 @@ def register(sub: Any, subcommand: Any) -> None:
 
 
 def dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(_cmd_produce(args, settings))
+    with _metrics_listener(settings):
+        return asyncio.run(_cmd_produce(args, settings))
+
+
+@contextlib.contextmanager
+def _metrics_listener(settings: Settings) -> Iterator[None]:
+    """Serve the producer's metrics (`imgfleet_producer_*`) on metrics.port for the run.
+
+    A nightly run is a batch job: a taken port costs it its metrics, not the run.
+    """
+    from prometheus_client import start_http_server
+
+    from common.logging import get_logger
+
+    m = settings.metrics
+    if not m.enabled:
+        yield
+        return
+    try:
+        server, thread = start_http_server(m.port, addr=m.host)
+    except OSError as exc:
+        get_logger("producer").warning(
+            "metrics listener not started", host=m.host, port=m.port, error=str(exc)
+        )
+        yield
+        return
+    port = int(server.server_address[1])
+    if m.port_file:
+        from pathlib import Path
+
+        from common.ops_http import write_port_file
+
+        write_port_file(Path(m.port_file), port)
+    get_logger("producer").info("metrics listening", host=m.host, port=port, path="/metrics")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def _print_json(obj: Any) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from common import local_ledger
 from common.errors import Reason, TransientError
@@ -34,6 +36,7 @@ from producers.deletes import MassDeleteError
 from producers.nightly import CatalogueRun, RunConflictError, RunOptions, dry_run
 from producers.publish import PublishReport
 from tests.producers.catalogue_factory import Written, write_catalogue
+from tests.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,6 +231,7 @@ def test_sigkill_of_the_cli_right_after_a_confirm_then_resume(tmp_path: Path) ->
         "IMGFLEET_PRODUCER__BATCH_SIZE": "200",
         "IMGFLEET_PRODUCER__CHECKPOINT_INTERVAL_S": "0.2",
         "IMGFLEET_LOGGING__LEVEL": "warning",
+        "IMGFLEET_METRICS__PORT": "0",
     }
     cmd = [sys.executable, "-m", "imgfleet", "produce", "catalogue", str(written.path), "--json"]
     killed = subprocess.run(
@@ -298,3 +302,45 @@ def test_a_publish_that_failed_for_good_is_sent_again_on_resume(tmp_path: Path) 
     assert set(LedgerOnlyOnce.failed) <= set(checkpoint.unconfirmed_job_ids)
     asyncio.run(run(LocalBroker(tmp_path / "queue.sqlite3"), resume=True))
     _assert_exactly_once(asyncio.run(_drain(tmp_path)), written.job_ids("night-1"))
+
+
+def test_the_producer_serves_its_metrics_while_it_runs(tmp_path: Path) -> None:
+    written = write_catalogue(tmp_path / "cat.jsonl", 300)
+    port_file = tmp_path / "metrics.port"
+    env = {
+        **os.environ,
+        "IMGFLEET_BROKER__LOCAL_PATH": str(tmp_path / "queue.sqlite3"),
+        "IMGFLEET_STORAGE__ROOT": str(tmp_path / "store"),
+        "IMGFLEET_PRODUCER__BATCH_SIZE": "20",
+        "IMGFLEET_METRICS__HOST": "127.0.0.1",
+        "IMGFLEET_METRICS__PORT": "0",
+        "IMGFLEET_METRICS__PORT_FILE": str(port_file),
+        "IMGFLEET_LOGGING__LEVEL": "warning",
+    }
+    # Rate-limited so the run lasts a few seconds: long enough to be scraped mid-run.
+    cmd = [sys.executable, "-m", "imgfleet", "produce", "catalogue", str(written.path)]
+    cmd += ["--run-id", "scraped", "--max-rate", "100", "--json"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE)
+    try:
+        wait_for(port_file.exists, 60, "the producer's metrics port file")
+        url = f"http://127.0.0.1:{port_file.read_text().strip()}/metrics"
+        seen: list[float] = []
+
+        def published_mid_run() -> bool:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                text = answer.read().decode()
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "imgfleet_producer_jobs_published_total" and (
+                        sample.labels.get("op") == "upsert"
+                    ):
+                        seen.append(sample.value)
+            return bool(seen) and seen[-1] > 0
+
+        wait_for(published_mid_run, 60, "published jobs in the producer's metrics")
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert 0 < seen[-1] < len(written.images), "scraped after the run, not during it"
+    assert json.loads(out.decode().splitlines()[-1])["jobs"] == len(written.images)
