@@ -72,6 +72,9 @@ class KafkaConfig(_Section):
     # On partition revoke, how long in-flight jobs may finish so their offsets are
     # committed before the partition goes (what is still running is redone elsewhere).
     revoke_wait_s: float = Field(default=5.0, ge=0)
+    # How long the first contact with the bootstrap servers may take before the connect
+    # fails with a one-line error (workers retry it up to worker.broker_give_up_s).
+    connect_timeout_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> KafkaConfig:

@@ -117,7 +117,12 @@ class KafkaBroker:
     def _connect(self) -> None:
         k = self._kafka
         try:
-            admin = KafkaAdminClient(**self._settings.kwargs(client_id="imgfleet-admin"))
+            admin = KafkaAdminClient(
+                **self._settings.kwargs(
+                    client_id="imgfleet-admin",
+                    bootstrap_timeout_ms=int(k.connect_timeout_s * 1000),
+                )
+            )
             try:
                 ensure_topics(admin, self.topics.all, k.partitions, k.replication_factor)
                 ensure_topics(
