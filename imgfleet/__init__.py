@@ -1,3 +1,3 @@
 """The imgfleet composition root: the CLI that wires configuration to concrete adapters."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
