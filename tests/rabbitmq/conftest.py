@@ -7,6 +7,7 @@ reachable server the tests fail under CI=true and are skipped elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -176,11 +177,19 @@ class RabbitFleet(Fleet):
         return pending, dead, Searcher(storage).image_ids()
 
 
-@pytest.fixture
-def rabbit_fleet(tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str) -> Iterator[RabbitFleet]:
-    corpus = make_corpus(tmp_path / "corpus", 48, seed=11)
+@contextlib.contextmanager
+def served_fleet(
+    tmp_path: Path, url: str, prefix: str, *, items: int, seed: int
+) -> Iterator[tuple[RabbitFleet, ImageServer]]:
+    """A generated corpus served over loopback HTTP, and a fleet publishing its catalogue."""
+    corpus = make_corpus(tmp_path / "corpus", items, seed=seed)
     with ImageServer(corpus.root) as server:
         catalogue = corpus.write_catalogue_jsonl(tmp_path / "catalogue.jsonl", server.base_url)
-        yield RabbitFleet(
-            tmp_path, corpus, server.base_url, catalogue, url=rabbitmq_url, prefix=rabbit_prefix
-        )
+        fleet = RabbitFleet(tmp_path, corpus, server.base_url, catalogue, url=url, prefix=prefix)
+        yield fleet, server
+
+
+@pytest.fixture
+def rabbit_fleet(tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str) -> Iterator[RabbitFleet]:
+    with served_fleet(tmp_path, rabbitmq_url, rabbit_prefix, items=48, seed=11) as (fleet, _):
+        yield fleet

@@ -21,11 +21,10 @@ from common.rabbitmq_broker import RabbitMQBroker
 from common.schema import Job, decode_job
 from common.storage import LocalStorage
 from imgfleet.cli import main
-from imgfleet.demo_corpus import make_corpus
 from imgfleet.image_server import ImageServer
 from index.segments import list_segments, read_segment
 from tests.integration.conftest import REPO_ROOT
-from tests.rabbitmq.conftest import RabbitFleet, broker_config
+from tests.rabbitmq.conftest import RabbitFleet, broker_config, served_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -191,13 +190,8 @@ def _one_error_line(proc: subprocess.CompletedProcess[str], secret: str) -> str:
 def story(
     tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str
 ) -> Iterator[tuple[RabbitFleet, ImageServer]]:
-    corpus = make_corpus(tmp_path / "corpus", 12, seed=5)
-    with ImageServer(corpus.root) as server:
-        catalogue = corpus.write_catalogue_jsonl(tmp_path / "catalogue.jsonl", server.base_url)
-        fleet = RabbitFleet(
-            tmp_path, corpus, server.base_url, catalogue, url=rabbitmq_url, prefix=rabbit_prefix
-        )
-        yield fleet, server
+    with served_fleet(tmp_path, rabbitmq_url, rabbit_prefix, items=12, seed=5) as served:
+        yield served
 
 
 def test_cli_says_in_one_line_when_the_broker_is_unreachable_or_refuses(

@@ -24,10 +24,9 @@ from common.identity import image_id_for
 from common.rabbitmq_broker import RabbitMQBroker
 from common.schema import Job, decode_job
 from common.storage import LocalStorage
-from imgfleet.demo_corpus import make_corpus
 from imgfleet.image_server import ImageServer
 from index.segments import list_segments, read_segment
-from tests.rabbitmq.conftest import RabbitFleet, drain_image_ids
+from tests.rabbitmq.conftest import RabbitFleet, drain_image_ids, served_fleet
 from tests.rabbitmq.tcp_proxy import TcpProxy
 from tests.waiting import wait_for
 
@@ -40,13 +39,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def served(
     tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str
 ) -> Iterator[tuple[RabbitFleet, ImageServer]]:
-    corpus = make_corpus(tmp_path / "corpus", 40, seed=5)
-    with ImageServer(corpus.root) as server:
-        catalogue = corpus.write_catalogue_jsonl(tmp_path / "catalogue.jsonl", server.base_url)
-        fleet = RabbitFleet(
-            tmp_path, corpus, server.base_url, catalogue, url=rabbitmq_url, prefix=rabbit_prefix
-        )
-        yield fleet, server
+    with served_fleet(tmp_path, rabbitmq_url, rabbit_prefix, items=40, seed=5) as served:
+        yield served
 
 
 def ops_env(port_file: Path, **extra: str) -> dict[str, str]:
