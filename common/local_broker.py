@@ -83,17 +83,24 @@ class LocalBroker:
             ) from exc
 
     def _open(self) -> None:
-        if self._conn is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a confirmed publish or settled outcome survives power loss, not only kill -9.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA + local_ledger.LEDGER_SCHEMA)
-        self._conn = conn
+        # Under the process lock: concurrent first calls (publishes in flight before any
+        # connect) must open one connection, not race two on a new file.
+        with self._lock:
+            if self._conn is not None:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            try:
+                _enable_wal(conn)
+                # FULL: a confirmed publish or settled outcome survives power loss.
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA + local_ledger.LEDGER_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
 
     async def close(self) -> None:
         self._closed.set()
@@ -347,6 +354,23 @@ class LocalBroker:
         stats.append(LaneStats("retry", waiting, in_flight=0))
         stats.append(LaneStats("dlq", int(dead), in_flight=0))
         return stats
+
+
+def _enable_wal(conn: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch to WAL, waiting out another process doing the same on a new file.
+
+    Changing the journal mode takes an exclusive lock that SQLite's busy timeout does not
+    always wait for, so a worker and a producer opening a fresh queue together could fail.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _insert_jobs(conn: sqlite3.Connection, rows: list[tuple[int, bytes, float]]) -> None:
