@@ -186,6 +186,15 @@ def test_metrics_equal_the_real_outcomes(
             )
 
         wait_for(all_settled, 240, "every job to be settled")
+
+        # The queue gauges are polled (metrics.queue_poll_interval_s), so they catch up
+        # with the counters a poll later.
+        def dlq_gauge_caught_up() -> bool:
+            sample = scrape(port)
+            dead = total(sample, "imgfleet_jobs_dead_lettered_total")
+            return total(sample, "imgfleet_queue_depth", lane="dlq") == dead
+
+        wait_for(dlq_gauge_caught_up, 60, "the DLQ depth gauge to catch up")
         after = scrape(port)
     finally:
         output = stop(worker)
