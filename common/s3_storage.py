@@ -77,6 +77,18 @@ def make_s3_client(
     )
 
 
+def s3_client_from_config(config: StorageConfig) -> Any:
+    """The client ``[storage]`` describes: endpoint, credentials, retries, timeouts."""
+    return make_s3_client(
+        endpoint_url=config.s3_endpoint_url or None,
+        access_key_id=config.s3_access_key_id.get_secret_value() or None,
+        secret_access_key=config.s3_secret_access_key.get_secret_value() or None,
+        region=config.s3_region,
+        max_attempts=config.s3_max_attempts,
+        timeout_s=config.s3_timeout_s,
+    )
+
+
 class S3Storage:
     """One bucket, keys under an optional prefix."""
 
@@ -115,12 +127,8 @@ class S3Storage:
             config.s3_bucket,
             prefix=config.s3_prefix,
             endpoint_url=config.s3_endpoint_url or None,
-            access_key_id=config.s3_access_key_id.get_secret_value() or None,
-            secret_access_key=config.s3_secret_access_key.get_secret_value() or None,
-            region=config.s3_region,
-            max_attempts=config.s3_max_attempts,
-            timeout_s=config.s3_timeout_s,
             conditional_writes=config.s3_conditional_writes,
+            client=s3_client_from_config(config),
         )
 
     def __repr__(self) -> str:

@@ -26,9 +26,9 @@ from typing import IO, Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from common.config import StorageConfig
 from common.errors import PermanentError, Reason, TransientError
 from common.s3_storage import make_s3_client
+from common.s3_storage import s3_client_from_config as s3_client_from_config
 
 STREAM_BUFFER_BYTES = 1 * 2**20  # one read from the file / socket
 RANGE_BLOCK_BYTES = 4 * 2**20  # one ranged GET for Parquet
@@ -69,18 +69,6 @@ class CatalogueUnavailableError(TransientError):
     """Storage did not answer (after botocore's retries); trying the run later may work."""
 
     reason = Reason.STORAGE
-
-
-def s3_client_from_config(config: StorageConfig) -> Any:
-    """A boto3 client for s3:// catalogues: endpoint, credentials, retries as storage's."""
-    return make_s3_client(
-        endpoint_url=config.s3_endpoint_url or None,
-        access_key_id=config.s3_access_key_id.get_secret_value() or None,
-        secret_access_key=config.s3_secret_access_key.get_secret_value() or None,
-        region=config.s3_region,
-        max_attempts=config.s3_max_attempts,
-        timeout_s=config.s3_timeout_s,
-    )
 
 
 def is_s3_url(source: str | os.PathLike[str]) -> bool:

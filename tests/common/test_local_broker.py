@@ -3,37 +3,25 @@ from pathlib import Path
 
 from common.local_broker import LocalBroker
 from common.schema import Job, Lane
+from tests.waiting import take_deliveries
 
 
 def _jobs(n: int, lane: Lane = Lane.BULK, prefix: str = "i") -> list[Job]:
     return [Job(item_id=f"{prefix}{i}", url=f"http://x/{i}.jpg", lane=lane) for i in range(n)]
 
 
-async def _take(broker: LocalBroker, n: int, timeout_s: float = 5.0) -> list:
-    got = []
-
-    async def pull() -> None:
-        async for delivery in broker.consume():
-            got.append(delivery)
-            if len(got) >= n:
-                return
-
-    await asyncio.wait_for(pull(), timeout_s)
-    return got
-
-
 def test_publish_consume_ack_and_durability(tmp_path: Path) -> None:
     async def scenario() -> None:
         broker = LocalBroker(tmp_path / "q.sqlite3", visibility_timeout_s=0.3, poll_interval_s=0.01)
         await broker.publish(_jobs(5))
-        got = await _take(broker, 5)
+        got = await take_deliveries(broker, 5)
         assert [Job.model_validate_json(d.body).item_id for d in got] == [f"i{i}" for i in range(5)]
         await broker.ack(got[:3])
         assert await broker.pending() == 2
         await broker.close()
         # A new process sees exactly what was not acked.
         again = LocalBroker(tmp_path / "q.sqlite3", visibility_timeout_s=0.2, poll_interval_s=0.01)
-        redelivered = await _take(again, 2)
+        redelivered = await take_deliveries(again, 2)
         assert {Job.model_validate_json(d.body).item_id for d in redelivered} == {"i3", "i4"}
         assert all(d.redelivered for d in redelivered)
         await again.close()
@@ -46,7 +34,7 @@ def test_live_lane_overtakes_bulk_backlog(tmp_path: Path) -> None:
         broker = LocalBroker(tmp_path / "q.sqlite3", prefetch=1, poll_interval_s=0.01)
         await broker.publish(_jobs(50, Lane.BULK, "bulk"))
         await broker.publish(_jobs(1, Lane.LIVE, "live"))
-        first = (await _take(broker, 1))[0]
+        first = (await take_deliveries(broker, 1))[0]
         assert Job.model_validate_json(first.body).item_id == "live0"
         await broker.close()
 
@@ -58,11 +46,11 @@ def test_retry_delays_and_dead_letter_records_reason(tmp_path: Path) -> None:
         broker = LocalBroker(tmp_path / "q.sqlite3", prefetch=4, poll_interval_s=0.01)
         job_a, job_b = _jobs(2)
         await broker.publish([job_a, job_b])
-        a, b = await _take(broker, 2)
+        a, b = await take_deliveries(broker, 2)
         await broker.retry(a, job_a.next_attempt(), delay_s=0.3)
         await broker.dead_letter(b, "http_404", "not found", 1, job_b)
         assert await broker.pending() == 1
-        [again] = await _take(broker, 1)
+        [again] = await take_deliveries(broker, 1)
         assert Job.model_validate_json(again.body).attempt == 1
         letters = await broker.dead_letters()
         assert [(d.reason, d.item_id, d.body) for d in letters] == [
@@ -78,11 +66,11 @@ def test_stale_lease_cannot_settle_after_redelivery(tmp_path: Path) -> None:
         broker = LocalBroker(tmp_path / "q.sqlite3", visibility_timeout_s=0.2, poll_interval_s=0.01)
         [job] = _jobs(1)
         await broker.publish([job])
-        [first] = await _take(broker, 1)
+        [first] = await take_deliveries(broker, 1)
         await broker.close()
         # The first consumer "died"; another takes the job after the timeout.
         other = LocalBroker(tmp_path / "q.sqlite3", visibility_timeout_s=5, poll_interval_s=0.01)
-        [second] = await _take(other, 1)
+        [second] = await take_deliveries(other, 1)
         # The dead consumer's late dead-letter must not add a DLQ row nor drop the job.
         await other.dead_letter(first, "undecodable", "late", 1, job)
         assert await other.dead_letters() == []
@@ -98,7 +86,7 @@ def test_prefetch_window_bounds_unsettled(tmp_path: Path) -> None:
     async def scenario() -> None:
         broker = LocalBroker(tmp_path / "q.sqlite3", prefetch=3, poll_interval_s=0.01)
         await broker.publish(_jobs(10))
-        got = await _take(broker, 3)
+        got = await take_deliveries(broker, 3)
         more: list = []
 
         async def pull_more() -> None:
