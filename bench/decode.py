@@ -4,7 +4,7 @@ The mix is catalogue-like: 70% baseline JPEG, 15% progressive JPEG, 8% PNG (with
 5% WebP, 2% broken (truncated JPEG, HTML, garbage), 800-2000 px per side, generated here.
 Both sides go from bytes in memory to a 224x224 RGB array:
 
-- project: ``workers.decode.decode_image`` (DCT-domain JPEG downscale, libvips PNG,
+- project: ``workers.decode.cpu.decode_image`` (DCT-domain JPEG downscale, libvips PNG,
   OpenCV WebP, the reference resize + crop); all cores through ``DecodePool`` (shared
   memory returns);
 - baseline: ``Image.open(...).convert("RGB").resize((224, 224))``; all cores through a
@@ -114,7 +114,7 @@ def one_core(
     """Project and naive in alternating chunks of the mix, so that load from anything else
     on the machine falls on both sides alike; returns (project_s, naive_s, outcomes...)."""
     from common.errors import ImgfleetError
-    from workers.decode import configure_decoder_threads, decode_image
+    from workers.decode.cpu import configure_decoder_threads, decode_image
 
     configure_decoder_threads()
     project_out: dict[str, Counter[str]] = defaultdict(Counter)
@@ -142,7 +142,7 @@ def one_core(
 def project_all_cores(mix: list[tuple[str, bytes]], processes: int) -> float:
     import asyncio
 
-    from workers.decode_pool import IN_FLIGHT_PER_PROCESS, DecodePool
+    from workers.decode.pool import IN_FLIGHT_PER_PROCESS, DecodePool
 
     with DecodePool(processes) as pool:
         asyncio.run(pool.warm_up())

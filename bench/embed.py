@@ -66,7 +66,7 @@ def model_only(
 
 def tight_loop(blobs: list[bytes], embedder: Any, batch: int, max_pixels: int) -> tuple[int, float]:
     """The same decode and embed work, in one plain loop."""
-    from workers.decode import decode_image
+    from workers.decode.cpu import decode_image
 
     t0 = time.perf_counter()
     done = 0
@@ -87,9 +87,9 @@ def tight_loop(blobs: list[bytes], embedder: Any, batch: int, max_pixels: int) -
 
 
 async def pipeline_run(settings: Any, catalogue: Path, embedder: Any) -> tuple[int, float]:
-    from imgfleet.adapters import make_broker
+    from imgfleet.factories import make_broker
     from imgfleet.wiring import run_worker
-    from producers.publish import publish_catalogue
+    from producers.nightly.upserts import publish_catalogue
 
     broker = make_broker(settings)
     await broker.connect()
@@ -142,11 +142,11 @@ def gpu_section(pixels: np.ndarray, blobs: list[bytes], quick: bool) -> dict[str
     import torch
 
     from common.errors import ImgfleetError
-    from workers.backends import EngineOptions
-    from workers.embedder import Embedder
-    from workers.model import load_model
-    from workers.model_zoo import vit_b16
-    from workers.trt_engine import tensorrt_status
+    from workers.embed.backends import EngineOptions
+    from workers.embed.embedder import Embedder
+    from workers.embed.model import load_model
+    from workers.embed.model_zoo import vit_b16
+    from workers.embed.tensorrt import tensorrt_status
 
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)}
     batch = 64
@@ -172,7 +172,7 @@ def gpu_section(pixels: np.ndarray, blobs: list[bytes], quick: bool) -> dict[str
             out[f"{model_name}_{variant}_images_per_s"] = round(rate, 1)
             print(f"gpu {model_name:8s} {variant:24s}: {rate:9.1f} images/s (batch {batch})")
     try:
-        from workers.gpu_decode import GpuJpegDecoder, gpu_eligible
+        from workers.decode.nvjpeg import GpuJpegDecoder, gpu_eligible
 
         jpegs = [b for b in blobs if gpu_eligible(b)][:256]
         decoder = GpuJpegDecoder()
@@ -201,12 +201,12 @@ def main() -> int:
 
     from bench.pipeline import OriginProcess
     from common.config import load_settings
-    from common.logging import configure_logging
-    from imgfleet.adapters import decode_processes
-    from imgfleet.demo import demo_settings
-    from imgfleet.demo_corpus import make_corpus
+    from common.observability.logging import configure_logging
+    from imgfleet.demo.corpus import make_corpus
+    from imgfleet.demo.run import demo_settings
+    from imgfleet.factories import decode_processes
     from imgfleet.wiring import make_embedder
-    from workers.decode import decode_image
+    from workers.decode.cpu import decode_image
 
     n_items = args.items or (800 if args.quick else 3000)
     args.repeats = args.repeats or (2 if args.quick else 3)

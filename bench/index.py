@@ -123,8 +123,8 @@ def main() -> int:
 
     import faiss
 
-    from common.logging import configure_logging
-    from common.storage import LocalStorage
+    from common.observability.logging import configure_logging
+    from common.storage.base import LocalStorage
     from index.apply import Applier
     from index.build import build_generation
     from index.params import IndexPolicy

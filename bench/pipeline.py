@@ -41,7 +41,7 @@ import orjson  # noqa: E402
 
 
 def _serve_images(root: str, port_q: Any, stop: Any) -> None:
-    from imgfleet.image_server import ImageServer
+    from imgfleet.demo.image_server import ImageServer
 
     with ImageServer(Path(root)) as server:
         port_q.put(server.base_url)
@@ -69,7 +69,7 @@ class OriginProcess:
 def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:  # type: ignore[no-untyped-def]
     from PIL import Image
 
-    from producers.catalogue import CatalogueItem, read_catalogue
+    from producers.catalogue.reader import CatalogueItem, read_catalogue
 
     t0 = time.perf_counter()
     done = 0
@@ -96,9 +96,9 @@ def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:
 
 
 async def project_run(settings, catalogue: Path) -> tuple[int, float]:  # type: ignore[no-untyped-def]
-    from imgfleet.adapters import make_broker
+    from imgfleet.factories import make_broker
     from imgfleet.wiring import run_worker
-    from producers.publish import publish_catalogue
+    from producers.nightly.upserts import publish_catalogue
 
     broker = make_broker(settings)
     await broker.connect()
@@ -119,9 +119,9 @@ def main() -> int:
     parser.add_argument("--baseline-batch", type=int, default=32)
     args = parser.parse_args()
     from common.config import load_settings
-    from common.logging import configure_logging
-    from imgfleet.demo import demo_settings
-    from imgfleet.demo_corpus import make_corpus
+    from common.observability.logging import configure_logging
+    from imgfleet.demo.corpus import make_corpus
+    from imgfleet.demo.run import demo_settings
     from imgfleet.wiring import make_embedder
 
     n_items = args.items or (250 if args.quick else 1000)

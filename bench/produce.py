@@ -88,12 +88,12 @@ def _prefix_file(source: Path, target: Path, rows: int) -> None:
 
 
 async def _project_child(catalogue: Path, workdir: Path) -> dict[str, Any]:
+    from common.brokers.rabbitmq.broker import RabbitMQBroker
     from common.config import load_settings
-    from common.rabbitmq_broker import RabbitMQBroker
-    from common.storage import LocalStorage
-    from producers.catalogue import open_catalogue
-    from producers.nightly import CatalogueRun, RunOptions
-    from producers.run_state import RunRecord
+    from common.storage.base import LocalStorage
+    from producers.catalogue.reader import open_catalogue
+    from producers.nightly.run import CatalogueRun, RunOptions
+    from producers.nightly.run_record import RunRecord
 
     class Registry:  # the run file is the index's business; a dict is enough here
         def __init__(self) -> None:
@@ -116,7 +116,7 @@ async def _project_child(catalogue: Path, workdir: Path) -> dict[str, Any]:
         },
         logging={"level": "warning"},
     )
-    from common.logging import configure_logging
+    from common.observability.logging import configure_logging
 
     configure_logging("console", "warning")
     broker = RabbitMQBroker(settings.broker)

@@ -41,8 +41,8 @@ from typing import Any  # noqa: E402
 
 import orjson  # noqa: E402
 
+from common.brokers.rabbitmq.broker import RabbitMQBroker  # noqa: E402
 from common.config import load_settings  # noqa: E402
-from common.rabbitmq_broker import RabbitMQBroker  # noqa: E402
 from common.schema import Job  # noqa: E402
 
 RABBITMQ_URL = os.environ.get("IMGFLEET_BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")

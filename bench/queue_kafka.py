@@ -51,7 +51,7 @@ ACK_BATCH = 100
 @contextmanager
 def tansu_broker() -> Iterator[str]:
     """Tansu on a free loopback port (the tests' launcher); yield its bootstrap address."""
-    from tests.kafka.tansu import TansuUnavailable, running_tansu
+    from tests.support.tansu import TansuUnavailable, running_tansu
 
     try:
         with running_tansu(Path(tempfile.mkdtemp(prefix="bench-tansu-"))) as broker:
@@ -89,7 +89,7 @@ def _jobs(n: int) -> list[Any]:
 
 
 async def _adapter_side(bootstrap: str, n: int) -> tuple[float, float]:
-    from common.kafka_broker import KafkaBroker
+    from common.brokers.kafka.broker import KafkaBroker
 
     config = _broker_config(bootstrap)
     jobs = _jobs(n)
@@ -189,7 +189,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="20k records (default 100k)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
-    from common.logging import configure_logging
+    from common.observability.logging import configure_logging
 
     configure_logging("console", "warning")
     r = run_kafka_bench(args.quick)

@@ -32,7 +32,7 @@ HAND_PINNED = {
     "tensorrt": "10.16.1.11",
     "faiss-gpu-cu12": "1.14.1.post1",
     "nvidia-ml-py": "13.580.82",
-    "torchvision": "0.28.0",  # nvJPEG decode (workers/gpu_decode.py); matches torch 2.13.0
+    "torchvision": "0.28.0",  # nvJPEG decode (workers/decode/nvjpeg.py); matches torch 2.13.0
 }
 
 HEADER = """\

@@ -22,7 +22,7 @@ from common.config import Settings
 from common.errors import ImgfleetError
 from common.identity import content_hash
 from imgfleet.wiring import make_embedder, make_fetcher
-from workers.decode import configure_decoder_threads, decode_image, sniff_format
+from workers.decode.cpu import configure_decoder_threads, decode_image, sniff_format
 
 
 def _as_url(target: str) -> str:

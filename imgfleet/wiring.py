@@ -1,6 +1,6 @@
 """Configuration -> a running worker: model, fetcher, decoder, pipeline, ops endpoints.
 
-Brokers and storage are picked in imgfleet/adapters.py (re-exported here), which does
+Brokers and storage are picked in imgfleet/factories.py (re-exported here), which does
 not import torch, so the ops commands start quickly.
 """
 
@@ -12,27 +12,27 @@ import signal
 import time
 from typing import Any
 
-from common.broker import Broker
+from common.brokers.base import Broker
 from common.config import Settings
 from common.errors import ConfigError, ImgfleetError
-from common.health import Health, UnrecoverableError
-from common.logging import bind_process, get_logger, unbind_process
-from common.metrics import Metrics, default_metrics, poll_queue_stats
-from common.ops_http import OpsServer
-from imgfleet.adapters import (
+from common.observability.health import Health, UnrecoverableError
+from common.observability.logging import bind_process, get_logger, unbind_process
+from common.observability.metrics import Metrics, default_metrics, poll_queue_stats
+from common.observability.ops_http import OpsServer
+from imgfleet.factories import (
     decode_processes,
     make_broker,
     make_storage,
 )
 from index.segments import SegmentWriter
-from workers.backends import EngineOptions
-from workers.decode_pool import IN_FLIGHT_PER_PROCESS, DecodePool
-from workers.embedder import Embedder, usable_cpus
-from workers.fetch import Fetcher
-from workers.model import load_model
-from workers.model_sources import resolve_model_path
+from workers.decode.pool import IN_FLIGHT_PER_PROCESS, DecodePool
+from workers.decode.preprocess import INPUT_SIZE
+from workers.embed.backends import EngineOptions
+from workers.embed.embedder import Embedder, usable_cpus
+from workers.embed.model import load_model
+from workers.embed.model_sources import resolve_model_path
+from workers.fetch.fetcher import Fetcher
 from workers.pipeline import PipelineSettings, Worker, WorkerStats
-from workers.preprocess import INPUT_SIZE
 
 
 def pipeline_settings(settings: Settings) -> PipelineSettings:
@@ -123,7 +123,7 @@ def make_embedder(settings: Settings) -> Embedder:
 
 
 def make_fetcher(settings: Settings) -> Fetcher:
-    from workers.s3_fetch import S3Fetcher
+    from workers.fetch.s3 import S3Fetcher
 
     w = settings.worker
     s3 = S3Fetcher(
@@ -153,11 +153,11 @@ def make_fetcher(settings: Settings) -> Fetcher:
 
 def make_decoder(settings: Settings, pool: DecodePool, log: Any) -> Any:
     """The CPU pool, fronted by the nvJPEG route where CUDA and torchvision are present."""
-    from workers.gpu_decode import DecodeRouter, GpuJpegDecoder, gpu_available
+    from workers.decode.nvjpeg import DecodeRouter, GpuJpegDecoder, gpu_available
 
     if settings.worker.gpu_decode == "off" or not gpu_available():
         return pool
-    from workers.routed_decode import RoutedDecoder
+    from workers.decode.routing import RoutedDecoder
 
     log.info("GPU JPEG decode on; PNG, WebP and rejected JPEGs go to the CPU pool")
     return RoutedDecoder(

@@ -36,10 +36,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.health import Health
-from common.logging import get_logger
-from common.metrics import Metrics, default_metrics
-from common.storage import Storage
+from common.observability.health import Health
+from common.observability.logging import get_logger
+from common.observability.metrics import Metrics, default_metrics
+from common.storage.base import Storage
 from index.build import (
     DEFAULT_GRACE_S,
     IndexBuildError,

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from common.errors import ImgfleetError, Reason
-from common.logging import get_logger
-from common.progress import Progress
-from common.storage import Storage
+from common.observability.logging import get_logger
+from common.observability.progress import Progress
+from common.storage.base import Storage
 from index.manifest import (
     GenerationInfo,
     load_versioned,

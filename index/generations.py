@@ -23,8 +23,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.logging import get_logger
-from common.storage import Storage
+from common.observability.logging import get_logger
+from common.storage.base import Storage
 from index.build import ManifestConflictError
 from index.manifest import (
     GenerationInfo,

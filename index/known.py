@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.storage import ObjectNotFoundError, Storage
+from common.storage.base import ObjectNotFoundError, Storage
 from index.manifest import GenerationInfo, ShardInfo, load_manifest
 from index.routing import shard_for
 from index.shardfiles import ShardRows, read_base, read_delta, text

@@ -3,7 +3,7 @@
 Publishing is one write of ``manifest.json``, done after every file it names exists: a
 build or apply that dies earlier leaves the manifest, and so what searchers serve,
 untouched. Builds and live apply may run at the same time, so every write is a
-compare-and-swap against the manifest that was read (``index.cas``): a writer that lost
+compare-and-swap against the manifest that was read (``common.storage.cas``): a writer that lost
 the race re-reads and redoes its small change.
 
 The manifest stays small however long the index lives: old generations are pruned by
@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.storage import Storage
-from index.cas import read_versioned, write_if_unchanged
+from common.storage.base import Storage
+from common.storage.cas import read_versioned, write_if_unchanged
 from index.segments import segment_time_ns
 
 MANIFEST_KEY = "manifest.json"

@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from common.errors import PermanentError, Reason
-from common.storage import Storage
+from common.storage.base import Storage
 from index.segments import list_segments, read_segment, segment_time_ns
 
 RUNS_PREFIX = "runs/"

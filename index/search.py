@@ -27,7 +27,7 @@ from typing import Any, cast
 import faiss
 import numpy as np
 
-from common.storage import Storage
+from common.storage.base import Storage
 from index.apply import load_index
 from index.manifest import GenerationInfo, ShardInfo, load_manifest
 from index.params import coarse_id, set_nprobe

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.storage import Storage
+from common.storage.base import Storage
 from index.npz import pack_arrays, unpack_arrays
 from index.routing import shard_for
 

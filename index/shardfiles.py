@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.storage import Storage
+from common.storage.base import Storage
 from index.npz import pack_arrays, unpack_arrays
 
 

@@ -29,9 +29,9 @@ import faiss
 import numpy as np
 
 from common.errors import ImgfleetError, Reason
-from common.logging import get_logger
-from common.progress import Progress
-from common.storage import Storage
+from common.observability.logging import get_logger
+from common.observability.progress import Progress
+from common.storage.base import Storage
 from index.manifest import ShardInfo, shard_index_key, shard_items_key, shard_vectors_key
 from index.params import (
     IndexPolicy,

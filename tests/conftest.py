@@ -8,6 +8,20 @@ from typing import Any
 
 import pytest
 
+# Broker fixtures live in tests/support so that every suite (adapters, contract,
+# integration) can use them, not only the folder they were written for.
+pytest_plugins = ["tests.support.rabbitmq", "tests.support.kafka"]
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_service(what: str, why: str) -> None:
+    """The one rule for a missing server or tool: fail under CI, skip elsewhere."""
+    message = f"{what} unavailable: {why}"
+    if IN_CI:
+        pytest.fail(f"{message} (required in CI)")
+    pytest.skip(message)
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
@@ -15,9 +29,7 @@ def s3_endpoint() -> Iterator[str]:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:  # pragma: no cover - moto[server] is a dev dependency
-        if os.environ.get("CI"):
-            pytest.fail("moto[server] is required in CI for the S3 tests")
-        pytest.skip("moto[server] is not installed")
+        require_service("moto[server] (the S3 tests)", "not installed")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

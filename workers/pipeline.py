@@ -6,12 +6,12 @@ a slow stage pushes back to the broker and memory stays flat whatever the backlo
 Delivery contract kept here: a job is acked only after its vector is in a flushed segment
 (or its failure is in the DLQ); a failing image fails alone, never its batch.
 
-Operating signals: the settled-job counters of ``common.metrics`` are incremented here,
-once per job, right after the broker took its ack, retry or dead-letter; every stage is
-timed; the embed stage reports to a ``common.health`` stall watch. A failure that no job
-caused (``UnrecoverableError``: the decode pool cannot be restarted, consuming failed, a
-stage died) stops the worker without settling the jobs it holds: they are handed back,
-and ``run`` raises so the process exits non-zero.
+Operating signals: the settled-job counters of ``common.observability.metrics`` are
+incremented here, once per job, right after the broker took its ack, retry or dead-letter;
+every stage is timed; the embed stage reports to a ``common.observability.health`` stall
+watch. A failure that no job caused (``UnrecoverableError``: the decode pool cannot be
+restarted, consuming failed, a stage died) stops the worker without settling the jobs it
+holds: they are handed back, and ``run`` raises so the process exits non-zero.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.broker import Broker, Delivery
+from common.brokers.base import Broker, Delivery
 from common.errors import BadMessageError, ConfigError, ImgfleetError, PermanentError, Reason
-from common.health import Health, UnrecoverableError
 from common.identity import content_hash
-from common.logging import get_logger
-from common.metrics import UNKNOWN_LANE, Metrics, default_metrics
-from common.progress import Progress
+from common.observability.health import Health, UnrecoverableError
+from common.observability.logging import get_logger
+from common.observability.metrics import UNKNOWN_LANE, Metrics, default_metrics
+from common.observability.progress import Progress
 from common.schema import Job, Op, decode_job
 from index.routing import shard_for
 from index.segments import SegmentWriter, VectorRecord
 from workers.ack_policy import classify, decide
 from workers.batcher import next_batch
-from workers.unchanged import KnownLookup, UnchangedImages
+from workers.fetch.unchanged import KnownLookup, UnchangedImages
 
 
 class FetcherLike(Protocol):

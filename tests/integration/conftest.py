@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from imgfleet.demo_corpus import Corpus, make_corpus
-from imgfleet.image_server import ImageServer
+from imgfleet.demo.corpus import Corpus, make_corpus
+from imgfleet.demo.image_server import ImageServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

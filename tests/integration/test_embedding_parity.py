@@ -24,15 +24,15 @@ from PIL import Image
 
 from common.config import load_settings
 from common.identity import image_id_for
-from imgfleet.adapters import make_broker, make_storage
-from imgfleet.demo import demo_settings
-from imgfleet.demo_corpus import GOOD_KINDS, make_corpus
-from imgfleet.image_server import ImageServer
+from imgfleet.demo.corpus import GOOD_KINDS, make_corpus
+from imgfleet.demo.image_server import ImageServer
+from imgfleet.demo.run import demo_settings
+from imgfleet.factories import make_broker, make_storage
 from imgfleet.wiring import make_embedder, run_worker
 from index.segments import list_segments, read_segment
-from producers.publish import publish_catalogue
-from workers.decode import decode_image
-from workers.preprocess import reference_preprocess
+from producers.nightly.upserts import publish_catalogue
+from workers.decode.cpu import decode_image
+from workers.decode.preprocess import reference_preprocess
 
 pytestmark = pytest.mark.integration
 

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.brokers.local.broker import LocalBroker
 from common.config import load_settings
 from common.identity import image_id_for
-from common.local_broker import LocalBroker
 from common.schema import Job
-from common.storage import LocalStorage
-from imgfleet.image_server import ImageServer
+from common.storage.base import LocalStorage
+from imgfleet.demo.image_server import ImageServer
 from imgfleet.inspect import inspect_inputs
 from imgfleet.wiring import run_worker
 from index.build import build_generation

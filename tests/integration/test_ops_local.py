@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-import imgfleet.cli_ops as cli_ops
-from common.local_broker import LocalBroker
+import imgfleet.cli.ops as cli_ops
+from common.brokers.local.broker import LocalBroker
 from common.schema import Job, Lane, decode_job
-from common.storage import LocalStorage
+from common.storage.base import LocalStorage
 from imgfleet.cli import main
 from index.runs import RunInfo, write_run
 from index.segments import SegmentWriter, VectorRecord
 from tests.integration.conftest import REPO_ROOT
-from tests.waiting import take_deliveries
+from tests.support.waiting import take_deliveries
 
 pytestmark = pytest.mark.integration
 

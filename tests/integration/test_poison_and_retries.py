@@ -9,11 +9,11 @@ import orjson
 import pytest
 from PIL import Image
 
+from common.brokers.local.broker import LocalBroker
 from common.config import load_settings
-from common.local_broker import LocalBroker
 from common.schema import SCHEMA_VERSION, Job, Lane, Op
-from common.storage import LocalStorage
-from imgfleet.image_server import ImageServer
+from common.storage.base import LocalStorage
+from imgfleet.demo.image_server import ImageServer
 from imgfleet.wiring import run_worker
 from index.build import build_generation
 from index.search import Searcher

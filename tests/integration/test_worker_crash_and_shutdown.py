@@ -12,14 +12,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from common.local_broker import LocalBroker
+from common.brokers.local.broker import LocalBroker
 from common.schema import decode_job
-from common.storage import LocalStorage
-from imgfleet.demo import check_outcomes
+from common.storage.base import LocalStorage
+from imgfleet.demo.run import check_outcomes
 from index.build import build_generation
 from index.search import Searcher
 from tests.integration.conftest import Fleet
-from tests.waiting import wait_for
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,250 @@
+"""S3-compatible object storage through boto3 (AWS S3, MinIO, moto's server).
+
+Objects are written whole by one ``PutObject``: S3 never exposes a half-written object, so
+the protocol's "whole or not at all" holds without temp keys. Large objects (shard files)
+go through boto3's managed multipart upload, which also completes atomically.
+
+``put_if_match`` is the compare-and-swap the index manifest needs: ``If-Match: <etag>`` to
+replace the version that was read, ``If-None-Match: *`` to create. S3 (since 2024), MinIO
+and moto honour both. With ``conditional_writes=False`` (an endpoint that rejects or
+ignores them) it degrades to compare-then-put, which is only safe with a single writer;
+the README says so.
+
+Errors: a missing key is ``ObjectNotFoundError`` (permanent); throttling, 5xx and
+connection failures, after botocore's own retries, are ``TransientError``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.config import StorageConfig
+from common.errors import ConfigError, PermanentError, Reason, TransientError
+from common.storage.base import ObjectNotFoundError
+
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+_MULTIPART_ABOVE_BYTES = 64 * 2**20
+_PRECONDITION_CODES = {"412", "PreconditionFailed", "ConditionalRequestConflict", "409"}
+
+
+class StorageUnavailableError(TransientError):
+    reason = Reason.STORAGE
+
+
+class StorageRejectedError(PermanentError):
+    reason = Reason.STORAGE
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or ".." in key.split("/"):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def make_s3_client(
+    *,
+    endpoint_url: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    region: str = "us-east-1",
+    max_attempts: int = 5,
+    timeout_s: float = 60.0,
+) -> Any:
+    """A boto3 S3 client with standard-mode retries and bounded connect/read timeouts."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or None,
+        # None lets boto3 use its usual chain (env, profile, instance role).
+        aws_access_key_id=access_key_id or None,
+        aws_secret_access_key=secret_access_key or None,
+        region_name=region,
+        config=Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+        ),
+    )
+
+
+def s3_client_from_config(config: StorageConfig) -> Any:
+    """The client ``[storage]`` describes: endpoint, credentials, retries, timeouts."""
+    return make_s3_client(
+        endpoint_url=config.s3_endpoint_url or None,
+        access_key_id=config.s3_access_key_id.get_secret_value() or None,
+        secret_access_key=config.s3_secret_access_key.get_secret_value() or None,
+        region=config.s3_region,
+        max_attempts=config.s3_max_attempts,
+        timeout_s=config.s3_timeout_s,
+    )
+
+
+class S3Storage:
+    """One bucket, keys under an optional prefix."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        region: str = "us-east-1",
+        max_attempts: int = 5,
+        timeout_s: float = 60.0,
+        conditional_writes: bool = True,
+        client: Any = None,
+    ) -> None:
+        if not bucket:
+            raise ConfigError("storage.s3_bucket is required for storage.kind='s3'")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint_url = endpoint_url or None
+        self.conditional_writes = conditional_writes
+        self._client = client or make_s3_client(
+            endpoint_url=self.endpoint_url,
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            region=region,
+            max_attempts=max_attempts,
+            timeout_s=timeout_s,
+        )
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> S3Storage:
+        return cls(
+            config.s3_bucket,
+            prefix=config.s3_prefix,
+            endpoint_url=config.s3_endpoint_url or None,
+            conditional_writes=config.s3_conditional_writes,
+            client=s3_client_from_config(config),
+        )
+
+    def __repr__(self) -> str:
+        # Never the credentials.
+        where = f" at {self.endpoint_url}" if self.endpoint_url else ""
+        return f"S3Storage(s3://{self.bucket}/{self.prefix}{where})"
+
+    def _key(self, key: str) -> str:
+        return self.prefix + _check_key(key)
+
+    def _fail(self, exc: Exception, action: str, key: str) -> Exception:
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            if code in _NOT_FOUND_CODES:
+                return ObjectNotFoundError(f"no object {key!r} in {self!r}")
+            if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+                return StorageRejectedError(f"{action} {key!r} refused by {self!r}: {code}")
+            if code == "NoSuchBucket":
+                return StorageRejectedError(f"bucket {self.bucket!r} does not exist")
+        return StorageUnavailableError(f"{action} {key!r} on {self!r} failed: {exc}")
+
+    # --- Storage protocol ---------------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> None:
+        try:
+            if len(data) > _MULTIPART_ABOVE_BYTES:
+                # Multipart: parallel parts, and past PutObject's 5 GB limit; the object
+                # still appears only when the upload completes.
+                self._client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key))
+            else:
+                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, "put", key) from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body: bytes = response["Body"].read()
+            return body
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, "get", key) from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND_CODES:
+                return False
+            raise self._fail(exc, "head", key) from exc
+        except BotoCoreError as exc:
+            raise self._fail(exc, "head", key) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                for entry in page.get("Contents", []):
+                    keys.append(entry["Key"][len(self.prefix) :])
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, "list", prefix or "/") from exc
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, "delete", key) from exc
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    # --- extras the index uses when present ---------------------------------------------
+
+    def download_to(self, key: str, path: Path) -> None:
+        """Stream an object into a file (shard vectors are too big to hold as bytes)."""
+        try:
+            self._client.download_file(self.bucket, self._key(key), os.fspath(path))
+        except (ClientError, BotoCoreError) as exc:
+            raise self._fail(exc, "download", key) from exc
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(bytes, ETag), or (None, None) if there is no such object."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), str(response["ETag"])
+        except ClientError as exc:
+            if _code(exc) in _NOT_FOUND_CODES:
+                return None, None
+            raise self._fail(exc, "get", key) from exc
+        except BotoCoreError as exc:
+            raise self._fail(exc, "get", key) from exc
+
+    def put_if_match(self, key: str, data: bytes, expected_etag: str | None) -> bool:
+        """Write if the object still has ``expected_etag`` (None: if it does not exist).
+
+        False when another writer got there first.
+        """
+        if not self.conditional_writes:
+            # Documented fallback: not atomic, safe only with one writer at a time.
+            _, etag = self.get_versioned(key)
+            if etag != expected_etag:
+                return False
+            self.put(key, data)
+            return True
+        condition = {"IfNoneMatch": "*"} if expected_etag is None else {"IfMatch": expected_etag}
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+            return True
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _PRECONDITION_CODES:
+                return False
+            if expected_etag is not None and code in _NOT_FOUND_CODES:
+                return False  # deleted since we read it
+            raise self._fail(exc, "conditional put", key) from exc
+        except BotoCoreError as exc:
+            raise self._fail(exc, "conditional put", key) from exc

@@ -1,0 +1,415 @@
+"""`imgfleet index ...`, `imgfleet search` and `imgfleet serve search`.
+
+The index package never talks to a broker or a model; what it needs from them (the
+dead letters of a run, an embedded query image) is fetched here, in the composition root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from common.config import IndexConfig, Settings
+
+SubcommandFactory = Callable[..., argparse.ArgumentParser]
+
+
+def register(sub: Any, subcommand: SubcommandFactory) -> None:
+    """Add the `index`, `search` and `serve` commands to the top-level subparsers."""
+    index = subcommand(sub, "index", help="build, update and inspect the FAISS index")
+    actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    build = subcommand(actions, "build", help="build a new generation and publish it")
+    build.add_argument("--run", dest="run_id", help="build from this nightly run's segments")
+    build.add_argument(
+        "--no-catch-up",
+        action="store_true",
+        help="publish without first applying segments that landed during the build",
+    )
+
+    apply = subcommand(actions, "apply", help="apply new segments to the serving generation")
+    apply.add_argument("--watch", action="store_true", help="keep applying until interrupted")
+    apply.add_argument("--interval-s", type=float, help="seconds between cycles with --watch")
+
+    finalize = subcommand(
+        actions, "finalize", help="publish a nightly run once every job is accounted for"
+    )
+    finalize.add_argument("--run", dest="run_id", required=True)
+    finalize.add_argument(
+        "--force", action="store_true", help="finalise even with jobs not accounted for"
+    )
+
+    subcommand(actions, "status", help="generations, shards, vector counts, parameters, recall")
+
+    rollback = subcommand(actions, "rollback", help="serve an older kept generation")
+    rollback.add_argument("--to", type=int, dest="to_generation", help="default: previous")
+
+    prune = subcommand(actions, "prune", help="delete old generations and unreferenced files")
+    prune.add_argument("--keep", type=int, help="newest generations to keep")
+    prune.add_argument("--keep-days", type=float, help="also keep generations younger than this")
+    prune.add_argument(
+        "--segments", action="store_true", help="also delete segments no kept generation needs"
+    )
+    prune.add_argument("--dry-run", action="store_true")
+
+    evaluate = subcommand(actions, "eval", help="recall@k against exact search on a sample")
+    evaluate.add_argument("--generation", type=int)
+    evaluate.add_argument("-k", type=int, default=10)
+    evaluate.add_argument("--queries", type=int, default=500)
+    evaluate.add_argument("--nprobe", type=int, help="override the tuned nprobe")
+
+    for parser in (build, apply, finalize, rollback, prune, evaluate):
+        parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    actions.choices["status"].add_argument("--json", action="store_true")
+
+    search = subcommand(sub, "search", help="search the current index generation")
+    target = search.add_mutually_exclusive_group(required=True)
+    target.add_argument("--item", help="find items similar to this item id")
+    target.add_argument("--image", help="find items similar to this image (path or URL)")
+    target.add_argument("--vector", type=Path, help="a query vector as a .npy file")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--generation", type=int, help="search this kept generation")
+    search.add_argument("--json", action="store_true")
+
+    serve = subcommand(sub, "serve", help="long-running services")
+    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    http = subcommand(services, "search", help="HTTP search endpoint")
+    http.add_argument("--host", help="default: index.serve_host")
+    http.add_argument("--port", type=int, help="default: index.serve_port")
+    from imgfleet.cli.serve import register_service as register_cms_service
+
+    register_cms_service(services, subcommand)  # `serve cms` (imgfleet/cli/serve.py)
+
+
+def policy_from_config(config: IndexConfig) -> Any:
+    import faiss
+
+    from index.params import IndexPolicy
+
+    if config.threads:
+        faiss.omp_set_num_threads(config.threads)
+    return IndexPolicy(
+        flat_max_vectors=config.flat_max_vectors,
+        memory_budget_bytes=config.memory_budget_mb * 2**20,
+        list_size=config.list_size,
+        max_train_vectors=config.max_train_vectors,
+        recall_target=config.recall_target,
+        eval_queries=config.eval_queries,
+        nprobe=config.nprobe,
+        use_gpu=config.use_gpu,
+    )
+
+
+def make_applier(settings: Settings, **kwargs: Any) -> Any:
+    from imgfleet.factories import make_storage
+    from index.apply import Applier
+
+    c = settings.index
+    return Applier(
+        make_storage(settings),
+        policy=policy_from_config(c),
+        grace_s=c.grace_s,
+        compact_delta_fraction=c.compact_delta_fraction,
+        retrain_fraction=c.retrain_fraction,
+        **kwargs,
+    )
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(result)
+        return
+    for key, value in result.items():
+        print(f"{key:<22}{value}")
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "search":
+        return _cmd_search(args, settings)
+    if args.command == "serve" and args.service == "cms":
+        from imgfleet.cli.serve import dispatch as dispatch_cms
+
+        return dispatch_cms(args, settings)
+    if args.command == "serve":
+        from imgfleet.servers.search import serve
+
+        return serve(settings, host=args.host, port=args.port)
+    handler = {
+        "build": _cmd_build,
+        "apply": _cmd_apply,
+        "finalize": _cmd_finalize,
+        "status": _cmd_status,
+        "rollback": _cmd_rollback,
+        "prune": _cmd_prune,
+        "eval": _cmd_eval,
+    }[args.action]
+    return handler(args, settings)
+
+
+def _generation_summary(info: Any) -> dict[str, Any]:
+    return {
+        "generation": info.generation,
+        "run_id": info.run_id,
+        "n_shards": info.n_shards,
+        "dim": info.dim,
+        "model_id": info.model_id,
+        "vectors": info.total_vectors,
+        "vectors_per_shard": info.vector_counts,
+        "factories": sorted({s.params.get("factory") for s in info.shards}),
+        "recall_at_10": [s.recall_at_10 for s in info.shards],
+        "segments_applied": info.segments_applied_count,
+        "created_at_s": round(info.created_at_s, 3),
+    }
+
+
+def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.build import build_generation
+
+    c = settings.index
+    info = build_generation(
+        make_storage(settings),
+        c.n_shards,
+        run_id=args.run_id,
+        policy=policy_from_config(c),
+        grace_s=c.grace_s,
+        catch_up=not args.no_catch_up,
+    )
+    _print(_generation_summary(info), args.json)
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+    if args.watch:
+        return _watch_apply(args, settings)
+    _print(make_applier(settings).apply_once().as_dict(), args.json)
+    return 0
+
+
+def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
+    """The live apply loop, with the ops listener; SIGTERM ends it after the cycle.
+
+    /healthz answers while the process runs (a retrain may legitimately take long, so no
+    stall check); /readyz is 200 once a cycle succeeded and until one fails.
+    """
+    import contextlib
+    import signal
+    import threading
+
+    from common.observability.health import Health
+    from common.observability.metrics import default_metrics
+    from common.observability.ops_http import OpsServer
+
+    health = Health(settings.metrics.stall_after_s)
+    applier = make_applier(settings, health=health)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    m = settings.metrics
+    ops = OpsServer(
+        default_metrics(),
+        health,
+        host=m.host,
+        port=m.port,
+        port_file=m.port_file or None,
+        process="index-apply",
+    )
+    with ops if m.enabled else contextlib.nullcontext():
+        applier.watch(args.interval_s or settings.index.apply_interval_s, stop)
+    return 0
+
+
+async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[int], int]:
+    """(image ids of the run's dead-lettered jobs, letters whose job could not be read)."""
+    from common.errors import ImgfleetError
+    from common.schema import decode_job
+    from imgfleet.factories import read_dead_letters
+
+    letters = await read_dead_letters(settings)
+    ids, unreadable = [], 0
+    for letter in letters:
+        if letter.run_id != run_id:
+            continue
+        try:
+            ids.append(decode_job(letter.body).image_id)
+        except ImgfleetError:
+            unreadable += 1
+    return ids, unreadable
+
+
+def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.build import build_generation
+    from index.runs import (
+        RunStillPublishingError,
+        account_run,
+        ensure_published,
+        read_run,
+        write_finalization,
+    )
+
+    storage = make_storage(settings)
+    run = read_run(storage, args.run_id)
+    try:
+        ensure_published(run)  # even --force: the expected job count is not known yet
+    except RunStillPublishingError as exc:
+        print(f"imgfleet: {exc}", file=sys.stderr)
+        return 1
+    dead_ids, unreadable = asyncio.run(_dead_letters_of_run(settings, args.run_id))
+    accounting = account_run(
+        storage, run, dead_lettered_jobs=unreadable, dead_lettered_image_ids=dead_ids
+    )
+    report = accounting.as_dict()
+    if not accounting.complete and not args.force:
+        report["finalized"] = False
+        report["hint"] = "wait for the workers, check `imgfleet dlq list`, or use --force"
+        _print(report, args.json)
+        if not args.json:
+            print(
+                f"imgfleet: run {run.run_id!r} is missing {accounting.missing_jobs} jobs; "
+                "not finalised (use --force to publish anyway)",
+                file=sys.stderr,
+            )
+        return 1
+    c = settings.index
+    info = build_generation(
+        storage,
+        c.n_shards,
+        run_id=run.run_id,
+        policy=policy_from_config(c),
+        grace_s=c.grace_s,
+    )
+    record = write_finalization(
+        storage, accounting, forced=not accounting.complete, generation=info.generation
+    )
+    _print({**record, "finalized": True}, args.json)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.generations import status
+
+    result = status(make_storage(settings))
+    if result is None:
+        print("no index generation has been published yet", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(result)
+        return 0
+    print(
+        f"current generation {result['current_generation']}  (manifest serial {result['serial']})"
+    )
+    for g in result["generations"]:
+        mark = "*" if g["current"] else " "
+        print(
+            f"{mark} generation {g['generation']:>4}  run={g['run_id'] or '-'}  "
+            f"shards={g['n_shards']}  dim={g['dim']}  vectors={g['vectors']}  "
+            f"segments_applied={g['segments_applied']}  model={g['model_id']}"
+        )
+        for s in g["shards"]:
+            print(
+                f"      shard {s['shard']:>3}  rev {s['revision']:>4}  vectors {s['vectors']:>9}  "
+                f"{s['factory']}  nprobe={s['nprobe']}  recall@10={s['recall_at_10']}  "
+                f"delta={s['delta_rows']}  tombstones={s['tombstones']}"
+            )
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.generations import GenerationError, rollback
+
+    try:
+        generation = rollback(make_storage(settings), args.to_generation)
+    except GenerationError as exc:
+        print(f"imgfleet: {exc}", file=sys.stderr)
+        return 1
+    _print({"current_generation": generation}, args.json)
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.generations import prune
+
+    c = settings.index
+    report = prune(
+        make_storage(settings),
+        keep_generations=args.keep or c.keep_generations,
+        keep_days=c.keep_days if args.keep_days is None else args.keep_days,
+        segments=args.segments,
+        dry_run=args.dry_run,
+    )
+    _print(report.as_dict(), args.json)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.generations import GenerationError, evaluate_generation
+
+    policy_from_config(settings.index)  # thread count
+    try:
+        result = evaluate_generation(
+            make_storage(settings),
+            generation=args.generation,
+            k=args.k,
+            queries=args.queries,
+            nprobe=args.nprobe,
+        )
+    except GenerationError as exc:
+        print(f"imgfleet: {exc}", file=sys.stderr)
+        return 1
+    _print(result, args.json)
+    return 0
+
+
+def embed_image(target: str, settings: Settings) -> np.ndarray:
+    """Fetch, decode and embed one image with the worker's model (search by image)."""
+    from imgfleet.inspect import embed_input
+
+    return embed_input(target, settings)
+
+
+def _cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.search import Searcher
+
+    policy_from_config(settings.index)
+    searcher = Searcher(make_storage(settings), generation=args.generation)
+    if args.item:
+        found = searcher.search_by_item(args.item, k=args.k)
+        if found is None:
+            print(f"item {args.item!r} is not in the current index generation", file=sys.stderr)
+            return 1
+        hits = found
+    else:
+        if args.vector:
+            vector = np.load(args.vector, allow_pickle=False)
+        else:
+            vector = embed_image(args.image, settings)
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        hits = searcher.search(query, k=args.k)[0]
+    if args.json:
+        _print_json(
+            [
+                {"item_id": h.item_id, "image_id": h.image_id, "score": round(h.score, 5)}
+                for h in hits
+            ]
+        )
+    else:
+        for rank, hit in enumerate(hits, start=1):
+            print(f"{rank:>3}  {hit.score:.4f}  {hit.item_id}")
+    return 0

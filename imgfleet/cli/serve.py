@@ -1,0 +1,61 @@
+"""`imgfleet serve cms`: the CMS intake HTTP endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from common.config import Settings
+from common.observability.logging import get_logger
+
+
+def register_service(services: Any, subcommand: Any) -> None:
+    cms = subcommand(services, "cms", help="CMS intake: item upserts and deletes over HTTP")
+    cms.add_argument("--host", help="default: cms.host")
+    cms.add_argument("--port", type=int, help="default: cms.port (0: an ephemeral port)")
+    cms.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="accept requests without a token (development only; loopback addresses only)",
+    )
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from producers.cms.runtime import IntakeSettings
+
+    cms = settings.cms.model_copy(
+        update={
+            "host": args.host or settings.cms.host,
+            "port": settings.cms.port if args.port is None else args.port,
+        }
+    )
+    # Checked before anything connects: an open intake is refused at once.
+    intake_settings = IntakeSettings.from_config(
+        cms, settings.producer, insecure_no_auth=args.insecure_no_auth
+    )
+    asyncio.run(_serve(settings, intake_settings, cms.host, cms.port))
+    return 0
+
+
+async def _serve(settings: Settings, intake_settings: Any, host: str, port: int) -> None:
+    from imgfleet.factories import make_broker, make_storage
+    from producers.cms.app import Intake, serve
+
+    intake = Intake(make_broker(settings), make_storage(settings), intake_settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _stopper(stop, sig))
+    await serve(intake, host, port, stop=stop)
+
+
+def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Any:
+    def on_signal() -> None:
+        get_logger("cms_intake").info("signal received", signal=sig.name)
+        stop.set()
+
+    return on_signal

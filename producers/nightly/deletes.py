@@ -1,0 +1,75 @@
+"""Delete jobs for images that disappeared since the last published run of a catalogue.
+
+An image of the previous run's snapshot that the current run does not have (its item is
+gone, or the item now lists fewer images) becomes an ``op=delete`` job of the current run,
+at the version it was published with: a tombstone at an equal version wins over that
+upsert (the later record wins), and never over a newer one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from common.errors import PermanentError, Reason
+from common.identity import job_id_for
+from common.schema import Job, Lane, Op
+from producers.nightly.snapshot import ImageSnapshot
+
+
+class MassDeleteError(PermanentError):
+    """More images would be deleted than ``producer.max_delete_fraction`` allows."""
+
+    reason = Reason.BAD_MESSAGE
+
+    def __init__(self, run_id: str, deletes: int, previous: int, max_fraction: float) -> None:
+        share = deletes / previous if previous else 1.0
+        super().__init__(
+            f"run {run_id!r} would delete {deletes} of the previous run's {previous} images "
+            f"({share:.1%}, more than producer.max_delete_fraction={max_fraction:.0%}); "
+            "a truncated catalogue? Nothing was deleted. If the deletes are right, resume "
+            f"with `--resume {run_id} --allow-mass-delete`; to publish without deletes, "
+            f"`--resume {run_id} --no-deletes`"
+        )
+        self.deletes = deletes
+        self.previous = previous
+
+
+def check_delete_guard(
+    run_id: str, deletes: int, previous: int, max_fraction: float, allow: bool
+) -> None:
+    if not allow and deletes > max_fraction * previous:
+        raise MassDeleteError(run_id, deletes, previous, max_fraction)
+
+
+def delete_jobs(
+    previous: ImageSnapshot,
+    gone: np.ndarray,
+    run_id: str,
+    *,
+    start: int = 0,
+    batch_size: int = 500,
+) -> Iterator[tuple[int, list[Job]]]:
+    """Batches of delete jobs for ``previous``'s images at ``gone[start:]``.
+
+    Yields (index in ``gone`` after the batch, batch), so a checkpoint can say how far
+    the deletes went.
+    """
+    for begin in range(start, len(gone), batch_size):
+        end = min(begin + batch_size, len(gone))
+        batch = []
+        for index in gone[begin:end].tolist():
+            image_id = int(previous.image_ids[index])
+            batch.append(
+                Job(
+                    job_id=job_id_for(run_id, image_id, Op.DELETE.value),
+                    run_id=run_id,
+                    item_id=previous.item_id(index),
+                    image_key=str(int(previous.image_keys[index])),
+                    op=Op.DELETE,
+                    version=int(previous.versions[index]),
+                    lane=Lane.BULK,
+                )
+            )
+        yield end, batch

@@ -1,0 +1,448 @@
+"""Turn catalogue items into jobs and publish them in confirmed batches.
+
+One job per image: ``job_id = job_id_for(run_id, image_id, op)``, so the same job
+published again by a resumed run keeps its id. Images listed twice (a repeated row) are
+published once (``SnapshotBuilder`` is the de-duplication). Batches go to the broker with
+up to ``in_flight`` of them awaiting confirms; ``broker.publish`` returns only once its
+jobs are durable.
+
+The upsert phase reads the catalogue on a thread in chunks of rows. A checkpoint (see
+``producers.nightly.checkpoint``) is only written at a chunk boundary after every batch before it
+is confirmed, so "the first ``rows_consumed`` rows are published" holds exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+import producers.nightly.metrics as metrics
+from common.brokers.base import Broker
+from common.errors import ConfigError
+from common.identity import image_id_for, job_id_for
+from common.observability.logging import get_logger
+from common.observability.progress import Progress
+from common.schema import Job, Lane, Op
+from producers.catalogue.reader import CatalogueItem, RejectedRow, open_catalogue
+from producers.catalogue.rejects import RejectsFile
+from producers.catalogue.threaded import chunks_in_thread
+from producers.nightly.batches import ConfirmedBatches
+from producers.nightly.checkpoint import Checkpoint, CheckpointWriter
+from producers.nightly.rate_limit import TokenBucket
+from producers.nightly.snapshot import SnapshotBuilder
+
+MAX_ITEM_ID_CHARS = 512  # the job schema's limits, checked per row so a bad row is rejected
+MAX_URL_CHARS = 8192
+CHUNK_ROWS = 1000
+MAX_REJECTS_KEPT = 1000  # in the report; the rejects file has all of them
+MAX_REJECTS_LOGGED = 20
+
+
+class CatalogueSource(Protocol):
+    """An opened catalogue (``producers.catalogue.reader.Catalogue`` is one)."""
+
+    def __iter__(self) -> Iterator[CatalogueItem | RejectedRow]: ...
+
+    def fraction_done(self) -> float | None: ...
+
+
+def jobs_for_item(item: CatalogueItem, run_id: str, lane: Lane = Lane.BULK) -> list[Job]:
+    """One job per image; the image key is the image's position, stable across runs."""
+    jobs = []
+    for position, url in enumerate(item.image_urls):
+        key = str(position)
+        jobs.append(
+            Job(
+                job_id=job_id_for(run_id, image_id_for(item.item_id, key), Op.UPSERT.value),
+                run_id=run_id,
+                item_id=item.item_id,
+                image_key=key,
+                url=url,
+                version=item.version,
+                lane=lane,
+                etag=item.etag,
+            )
+        )
+    return jobs
+
+
+def row_problem(item: CatalogueItem) -> str | None:
+    """Why an item cannot become jobs (the job schema's limits), or None."""
+    if len(item.item_id) > MAX_ITEM_ID_CHARS:
+        return f"item id longer than {MAX_ITEM_ID_CHARS} characters"
+    for url in item.image_urls:
+        if len(url) > MAX_URL_CHARS:
+            return f"image URL longer than {MAX_URL_CHARS} characters"
+    return None
+
+
+@dataclass
+class PublishCounts:
+    rows: int = 0
+    items: int = 0
+    rejected: int = 0
+    duplicate_images: int = 0
+    jobs: int = 0  # distinct upsert jobs of the run, published now or before a resume
+    already_published: int = 0  # found in the ledger on resume, so not sent again
+
+    def add(self, other: PublishCounts) -> None:
+        self.rows += other.rows
+        self.items += other.items
+        self.rejected += other.rejected
+        self.duplicate_images += other.duplicate_images
+        self.jobs += other.jobs
+        self.already_published += other.already_published
+
+    @classmethod
+    def from_checkpoint(cls, cp: Checkpoint) -> PublishCounts:
+        return cls(
+            rows=cp.rows_consumed,
+            items=cp.items,
+            rejected=cp.rejected,
+            duplicate_images=cp.duplicate_images,
+            jobs=cp.jobs_confirmed,
+        )
+
+    def checkpoint_fields(self) -> dict[str, int]:
+        return {
+            "rows_consumed": self.rows,
+            "items": self.items,
+            "rejected": self.rejected,
+            "duplicate_images": self.duplicate_images,
+            "jobs_confirmed": self.jobs,
+        }
+
+
+@dataclass
+class PublishReport:
+    run_id: str
+    lane: str = "bulk"
+    rows: int = 0
+    items: int = 0
+    jobs: int = 0
+    deleted: int = 0
+    duplicate_images: int = 0
+    rejected: int = 0
+    already_published: int = 0
+    resumed_from_row: int | None = None
+    previous_run_id: str | None = None
+    elapsed_s: float = 0.0
+    dry_run: bool = False
+    rejects: list[RejectedRow] = field(default_factory=list)
+
+    @property
+    def expected_jobs(self) -> int:
+        return self.jobs + self.deleted
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "run_id": self.run_id,
+            "lane": self.lane,
+            "rows": self.rows,
+            "items": self.items,
+            "jobs": self.jobs,
+            "deleted": self.deleted,
+            "expected_jobs": self.expected_jobs,
+            "duplicate_images": self.duplicate_images,
+            "rejected": self.rejected,
+            "already_published": self.already_published,
+            "resumed_from_row": self.resumed_from_row,
+            "previous_run_id": self.previous_run_id,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "jobs_per_s": round(self.expected_jobs / self.elapsed_s, 1) if self.elapsed_s else 0.0,
+            "dry_run": self.dry_run,
+        }
+
+
+class RunProgress(Progress):
+    """Progress in rows, with the ETA from how much of the catalogue was read."""
+
+    def __init__(
+        self,
+        log: Any,
+        fraction_done: Callable[[], float | None],
+        total_rows: int | None,
+        interval_s: float,
+    ) -> None:
+        super().__init__(log, "catalogue rows", total_rows, interval_s)
+        self.fraction_done = fraction_done
+
+    def eta_s(self) -> float | None:
+        fraction = self.fraction_done()
+        if fraction is None or fraction <= 0:
+            return super().eta_s()
+        elapsed_s = time.monotonic() - self.started_s
+        return elapsed_s * (1.0 - min(fraction, 1.0)) / fraction
+
+
+def _no_fraction() -> float | None:
+    return None
+
+
+@dataclass
+class _Images:
+    """One chunk's images: item slot, id, key (position) and whether new to the run."""
+
+    item_of: list[int]
+    image_ids: list[int]
+    keys: list[int]
+    fresh: np.ndarray
+
+
+class UpsertPhase:
+    """Reads the catalogue and publishes one job per new image; resumable by rows."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        lane: Lane,
+        batch_size: int,
+        builder: SnapshotBuilder,
+        counts: PublishCounts,
+        batches: ConfirmedBatches | None,
+        checkpoints: CheckpointWriter | None = None,
+        capacity_calls: int | None = None,
+        already_published: set[str] | None = None,
+        rejects: RejectsFile | None = None,
+        log: Any = None,
+        progress_interval_s: float = 10.0,
+    ) -> None:
+        self.run_id = run_id
+        self.lane = lane
+        self.batch_size = batch_size
+        self.builder = builder
+        self.counts = counts
+        self.skip_rows = counts.rows
+        self.batches = batches
+        self.checkpoints = checkpoints
+        self.capacity_calls = capacity_calls
+        self.already = already_published or set()
+        self.rejects = rejects
+        self.log = log or get_logger("producer", run_id=run_id)
+        self.progress_interval_s = progress_interval_s
+        self.rejects_kept: list[RejectedRow] = []
+        self._rejects_logged = 0
+        self._outgoing: list[Job] = []
+        self._started_s = time.monotonic()
+        self._jobs_at_start = counts.jobs
+
+    async def run(self, source: Iterable[CatalogueItem | RejectedRow]) -> None:
+        fraction = getattr(source, "fraction_done", _no_fraction)
+        progress = RunProgress(
+            self.log, fraction, getattr(source, "total_rows_hint", None), self.progress_interval_s
+        )
+        row = 0
+        # aclosing: an error in here stops the reader thread now, not at garbage collection.
+        async with contextlib.aclosing(chunks_in_thread(source, chunk_rows=CHUNK_ROWS)) as chunks:
+            async for chunk in chunks:
+                if row < self.skip_rows:
+                    # Published before the resume point: rebuild de-duplication and snapshot.
+                    skipped = min(len(chunk), self.skip_rows - row)
+                    self._remember(chunk[:skipped])
+                    row += skipped
+                    chunk = chunk[skipped:]
+                    progress.advance(skipped)
+                    if not chunk:
+                        continue
+                await self._publish_chunk(chunk)
+                row += len(chunk)
+                progress.advance(len(chunk), **self._progress_extra(fraction, progress))
+                if self.checkpoints is not None and self.checkpoints.due():
+                    await self.checkpoint()
+        await self._flush_outgoing()
+        if self.batches is not None:
+            await self.batches.drain()
+        progress.report(**self._progress_extra(fraction, progress))
+
+    def _progress_extra(
+        self, fraction: Callable[[], float | None], progress: Progress
+    ) -> dict[str, Any]:
+        elapsed_s = max(time.monotonic() - self._started_s, 1e-9)
+        done = fraction()
+        rate = (self.counts.jobs - self._jobs_at_start) / elapsed_s
+        eta_s = progress.eta_s()
+        metrics.RATE.set(rate)
+        metrics.FRACTION_DONE.set(-1 if done is None else done)
+        metrics.ETA.set(-1 if eta_s is None else eta_s)
+        return {
+            "jobs": self.counts.jobs,
+            "jobs_per_s": round(rate, 1),
+            "rejected": self.counts.rejected,
+            "fraction_done": None if done is None else round(done, 4),
+        }
+
+    async def checkpoint(self) -> None:
+        assert self.checkpoints is not None
+        await self._flush_outgoing()
+        await self.checkpoints.write(**self.counts.checkpoint_fields())
+
+    async def _flush_outgoing(self) -> None:
+        if self._outgoing and self.batches is not None:
+            await self.batches.submit(self._outgoing)
+        self._outgoing = []
+
+    def _candidates(
+        self, chunk: list[CatalogueItem | RejectedRow], delta: PublishCounts
+    ) -> tuple[list[CatalogueItem], list[RejectedRow], _Images]:
+        """The chunk's items and rejects, and its images with which of them are new."""
+        items: list[CatalogueItem] = []
+        rejects: list[RejectedRow] = []
+        for entry in chunk:
+            if isinstance(entry, RejectedRow):
+                rejects.append(entry)
+                continue
+            problem = row_problem(entry)
+            if problem is not None:
+                rejects.append(RejectedRow(entry.line, problem, entry.item_id[:200]))
+                continue
+            items.append(entry)
+        item_of: list[int] = []
+        image_ids: list[int] = []
+        keys: list[int] = []
+        versions: list[int] = []
+        for slot, item in enumerate(items):
+            for position in range(len(item.image_urls)):
+                item_of.append(slot)
+                image_ids.append(image_id_for(item.item_id, str(position)))
+                keys.append(position)
+                versions.append(item.version)
+        fresh = self.builder.add([i.item_id for i in items], item_of, image_ids, keys, versions)
+        delta.rows += len(chunk)
+        delta.items += len(items)
+        delta.rejected += len(rejects)
+        delta.duplicate_images += len(fresh) - int(fresh.sum())
+        return items, rejects, _Images(item_of, image_ids, keys, fresh)
+
+    def _remember(self, chunk: list[CatalogueItem | RejectedRow]) -> None:
+        self._candidates(chunk, PublishCounts())
+
+    async def _publish_chunk(self, chunk: list[CatalogueItem | RejectedRow]) -> None:
+        delta = PublishCounts()
+        items, rejects, images = self._candidates(chunk, delta)
+        jobs: list[Job] = []
+        new_images = np.flatnonzero(images.fresh).tolist()
+        for index in new_images:
+            item = items[images.item_of[index]]
+            position = images.keys[index]
+            key = str(position)
+            job_id = job_id_for(self.run_id, images.image_ids[index], Op.UPSERT.value)
+            if job_id in self.already:
+                delta.already_published += 1
+                continue
+            jobs.append(
+                Job(
+                    job_id=job_id,
+                    run_id=self.run_id,
+                    item_id=item.item_id,
+                    image_key=key,
+                    url=item.image_urls[position],
+                    version=item.version,
+                    lane=self.lane,
+                    etag=item.etag,
+                )
+            )
+        delta.jobs = len(new_images)
+        await self._make_room(len(jobs))
+        # Past the checkpoint decision: this chunk's effects may happen now.
+        for reject in rejects:
+            self._reject(reject)
+        self.counts.add(delta)
+        metrics.ROWS.labels("item").inc(delta.items)
+        metrics.ROWS.labels("rejected").inc(delta.rejected)
+        metrics.JOBS_SKIPPED.labels("duplicate").inc(delta.duplicate_images)
+        metrics.JOBS_SKIPPED.labels("already_published").inc(delta.already_published)
+        if self.batches is None:
+            return  # a dry run: counted, never sent
+        self._outgoing.extend(jobs)
+        while len(self._outgoing) >= self.batch_size:
+            batch, self._outgoing = (
+                self._outgoing[: self.batch_size],
+                self._outgoing[self.batch_size :],
+            )
+            await self.batches.submit(batch)
+
+    async def _make_room(self, new_jobs: int) -> None:
+        """Checkpoint first if this chunk's publishes could push the ledger past its bound."""
+        if self.capacity_calls is None or self.batches is None or self.checkpoints is None:
+            return
+        needed = math.ceil((len(self._outgoing) + new_jobs) / self.batch_size) + 1
+        if self.batches.calls_since_mark + needed <= self.capacity_calls:
+            return
+        await self.checkpoint()  # everything before this chunk; the ledger starts afresh
+        needed = math.ceil(new_jobs / self.batch_size) + 1
+        if needed > self.capacity_calls:
+            raise ConfigError(
+                f"the broker's publish ledger holds {self.capacity_calls} publishes of "
+                f"{self.batch_size} jobs; {CHUNK_ROWS} catalogue rows need {needed}. Raise "
+                "broker.rabbitmq.ledger_max_messages or lower producer.batch_size"
+            )
+
+    def _reject(self, row: RejectedRow) -> None:
+        if len(self.rejects_kept) < MAX_REJECTS_KEPT:
+            self.rejects_kept.append(row)
+        self._rejects_logged += 1
+        if self._rejects_logged <= MAX_REJECTS_LOGGED:
+            # A few lines say what is wrong; the rest are counted (and in the rejects file).
+            self.log.warning(
+                "row rejected",
+                line=row.line,
+                reason=row.reason,
+                more_not_logged=self._rejects_logged == MAX_REJECTS_LOGGED,
+            )
+        if self.rejects is not None:
+            self.rejects.write(row)
+
+
+async def publish_catalogue(
+    broker: Broker,
+    path: str | Path,
+    run_id: str,
+    *,
+    lane: Lane = Lane.BULK,
+    batch_size: int = 500,
+    rejects_path: str | Path | None = None,
+    in_flight: int = 4,
+) -> PublishReport:
+    """Publish a catalogue file once, without run registration, checkpoints or deletes."""
+    log = get_logger("producer", run_id=run_id, source=str(path))
+    started_s = time.monotonic()
+    counts = PublishCounts()
+    batches = ConfirmedBatches(broker, ledger=None, in_flight=in_flight, limiter=TokenBucket(0))
+    rejects = RejectsFile(rejects_path) if rejects_path else None
+    phase = UpsertPhase(
+        run_id=run_id,
+        lane=lane,
+        batch_size=batch_size,
+        builder=SnapshotBuilder(),
+        counts=counts,
+        batches=batches,
+        rejects=rejects,
+        log=log,
+    )
+    try:
+        with open_catalogue(path) as catalogue:
+            await phase.run(catalogue)
+    finally:
+        if rejects is not None:
+            rejects.close()
+    report = PublishReport(
+        run_id=run_id,
+        lane=lane.value,
+        rows=counts.rows,
+        items=counts.items,
+        jobs=counts.jobs,
+        duplicate_images=counts.duplicate_images,
+        rejected=counts.rejected,
+        elapsed_s=time.monotonic() - started_s,
+        rejects=phase.rejects_kept,
+    )
+    log.info("published", **report.as_dict())
+    return report

@@ -1,0 +1,294 @@
+"""The RabbitMQ adapter against the real server: confirms, lanes, retries, DLQ, faults."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from common.brokers.base import Delivery
+from common.brokers.rabbitmq.broker import RabbitMQBroker
+from common.errors import ConfigError, TransientError
+from common.schema import Job, Lane, decode_job
+from tests.support.rabbitmq import broker_config
+from tests.support.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.integration
+
+
+def _jobs(n: int, prefix: str = "item", lane: Lane = Lane.BULK) -> list[Job]:
+    return [
+        Job(item_id=f"{prefix}-{i}", url=f"http://img.test/{i}.jpg", lane=lane) for i in range(n)
+    ]
+
+
+async def _connected(url: str, prefix: str, **kw: Any) -> RabbitMQBroker:
+    prefetch = kw.pop("prefetch", 64)
+    broker = RabbitMQBroker(broker_config(url, prefix, **kw), prefetch=prefetch)
+    await broker.connect()
+    return broker
+
+
+async def _take(stream: AsyncIterator[Delivery], n: int, timeout_s: float = 20) -> list[Delivery]:
+    async def take() -> list[Delivery]:
+        return [await anext(stream) for _ in range(n)]
+
+    return await asyncio.wait_for(take(), timeout_s)
+
+
+async def _nothing_more(stream: AsyncIterator[Delivery], wait_s: float = 1.0) -> bool:
+    try:
+        await asyncio.wait_for(anext(stream), wait_s)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_every_published_job_is_consumed_once_and_acked(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main() -> None:
+        broker = await _connected(rabbitmq_url, rabbit_prefix)
+        jobs = _jobs(1234)
+        await broker.publish(jobs)
+        stream = broker.consume()
+        got: list[Delivery] = []
+        while len(got) < len(jobs):  # ack as we go: the prefetch window is 64 jobs
+            chunk = await _take(stream, min(50, len(jobs) - len(got)))
+            await broker.ack(chunk)
+            got += chunk
+        assert sorted(decode_job(d.body).item_id for d in got) == sorted(j.item_id for j in jobs)
+        assert len({d.delivery_id for d in got}) == len(got)
+        assert await _nothing_more(stream)
+        assert await broker.pending() == 0
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.close()
+        # Acked means gone: a new consumer finds nothing.
+        again = await _connected(rabbitmq_url, rabbit_prefix)
+        assert await again.pending() == 0
+        await again.close()
+
+    asyncio.run(main())
+
+
+def test_one_failing_job_in_a_multi_job_message_is_retried_alone(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main() -> None:
+        broker = await _connected(rabbitmq_url, rabbit_prefix)
+        jobs = _jobs(50)
+        await broker.publish(jobs)  # one message of 50 jobs
+        stream = broker.consume()
+        got = await _take(stream, 50)
+        failing = next(d for d in got if decode_job(d.body).item_id == "item-7")
+        job = decode_job(failing.body)
+        await broker.retry(failing, job.next_attempt(), 0.3)
+        await broker.ack([d for d in got if d is not failing])
+        (back,) = await _take(stream, 1)
+        again = decode_job(back.body)
+        assert (again.item_id, again.attempt, again.job_id) == ("item-7", 1, job.job_id)
+        await broker.ack([back])
+        assert await _nothing_more(stream), "a settled job came back"
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.close()
+
+    asyncio.run(main())
+
+
+def test_dead_letters_keep_the_original_bytes_reason_and_attempts(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main() -> None:
+        broker = await _connected(rabbitmq_url, rabbit_prefix)
+        raw = b"{not json at all"
+        job = _jobs(1, "poison")[0]
+        await broker.publish_raw([raw])
+        await broker.publish([job])
+        stream = broker.consume()
+        got = await _take(stream, 2)
+        by_body = {d.body: d for d in got}
+        await broker.dead_letter(by_body[raw], "bad_message", "not JSON", 1, None)
+        await broker.dead_letter(by_body[job.to_bytes()], "http_404", "gone", 3, job)
+        letters = await broker.dead_letters()
+        assert {letter.body for letter in letters} == {raw, job.to_bytes()}
+        poison = next(letter for letter in letters if letter.body == job.to_bytes())
+        assert (poison.reason, poison.error, poison.attempts) == ("http_404", "gone", 3)
+        assert (poison.item_id, poison.run_id) == ("poison-0", job.run_id)
+        assert poison.failed_at_s > 1.7e9
+        # Reading the DLQ does not drain it.
+        assert len(await broker.dead_letters()) == 2
+        assert await _nothing_more(stream)
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.close()
+
+    asyncio.run(main())
+
+
+def test_a_live_job_overtakes_the_bulk_backlog(rabbitmq_url: str, rabbit_prefix: str) -> None:
+    async def main() -> None:
+        broker = await _connected(
+            rabbitmq_url, rabbit_prefix, rabbitmq={"jobs_per_message": 1}, prefetch=32
+        )
+        await broker.publish(_jobs(3000))
+        stream = broker.consume()
+        first = await _take(stream, 10)
+        await broker.ack(first)
+        await broker.publish(_jobs(1, "cms", Lane.LIVE))
+        await asyncio.sleep(0.3)  # let the live message reach this consumer
+        position = None
+        for i in range(200):
+            (delivery,) = await _take(stream, 1)
+            await broker.ack([delivery])
+            if decode_job(delivery.body).item_id == "cms-0":
+                position = i
+                break
+        # Only what was already in the prefetch window may come before it.
+        assert position is not None and position <= 32
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.close()
+
+    asyncio.run(main())
+
+
+def test_unacked_jobs_come_back_after_the_consumer_goes_away(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main() -> None:
+        # One job per message, so acking a job acks its message.
+        first = await _connected(rabbitmq_url, rabbit_prefix, rabbitmq={"jobs_per_message": 1})
+        await first.publish(_jobs(30))
+        stream = first.consume()
+        got = await _take(stream, 30)
+        await first.ack(got[:10])
+        await first.close()  # like a crash: 20 unacked jobs
+        second = await _connected(rabbitmq_url, rabbit_prefix)
+        stream2 = second.consume()
+        back = await _take(stream2, 20)
+        assert all(d.redelivered for d in back)
+        assert {d.body for d in back} == {d.body for d in got[10:]}
+        await second.ack(back)
+        assert await _nothing_more(stream2)
+        await stream2.aclose()  # type: ignore[attr-defined]
+        await second.close()
+
+    asyncio.run(main())
+
+
+def test_stopping_the_consumer_hands_back_jobs_not_yet_started(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main() -> None:
+        per_job = {"rabbitmq": {"jobs_per_message": 1}}
+        broker = await _connected(rabbitmq_url, rabbit_prefix, prefetch=20, **per_job)
+        jobs = _jobs(40)
+        await broker.publish(jobs)
+        stream = broker.consume()
+        started = await _take(stream, 5)
+        await asyncio.sleep(0.3)  # the rest of the prefetch window arrives
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.ack(started)  # in-flight work still settles on the open channel
+        await broker.close()
+        # Everything not started is back in the queue, once, for the next consumer.
+        again = await _connected(rabbitmq_url, rabbit_prefix, prefetch=64, **per_job)
+        stream2 = again.consume()
+        rest = await _take(stream2, 35)
+        await again.ack(rest)
+        assert await _nothing_more(stream2)
+        assert {d.body for d in rest} == {j.to_bytes() for j in jobs} - {d.body for d in started}
+        await stream2.aclose()  # type: ignore[attr-defined]
+        await again.close()
+
+    asyncio.run(main())
+
+
+def test_topology_is_declared_idempotently_and_mismatches_are_explained(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main() -> None:
+        producer = await _connected(rabbitmq_url, rabbit_prefix)
+        worker = await _connected(rabbitmq_url, rabbit_prefix)  # same declarations again
+        await producer.publish(_jobs(3))
+        assert await worker.pending() == 1  # one message of three jobs
+        await producer.close()
+        await worker.close()
+        other = RabbitMQBroker(
+            broker_config(rabbitmq_url, rabbit_prefix, rabbitmq={"queue_type": "classic"})
+        )
+        with pytest.raises(ConfigError, match="queue_type"):
+            await other.connect()
+        await other.close()
+
+    asyncio.run(main())
+
+
+def test_bad_credentials_and_an_unreachable_broker_give_clear_errors(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main() -> None:
+        wrong = RabbitMQBroker(
+            broker_config(rabbitmq_url, rabbit_prefix, username="guest", password="wrong-pass")
+        )
+        with pytest.raises(ConfigError, match="refused the credentials") as refused:
+            await wrong.connect()
+        assert "wrong-pass" not in str(refused.value)
+        down = RabbitMQBroker(
+            broker_config(
+                "amqp://guest:topsecret@127.0.0.1:1/",
+                rabbit_prefix,
+                rabbitmq={"connect_timeout_s": 0.5},
+            )
+        )
+        with pytest.raises(TransientError, match="unreachable") as unreachable:
+            await down.connect()
+        assert "topsecret" not in str(unreachable.value)
+        assert "guest:***@127.0.0.1:1" in str(unreachable.value)
+
+    asyncio.run(main())
+
+
+def test_after_a_connection_cut_stale_jobs_are_redelivered_and_publishing_resumes(
+    rabbitmq_url: str, rabbit_prefix: str
+) -> None:
+    async def main(proxy: TcpProxy) -> None:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        broker = await _connected(url, rabbit_prefix, rabbitmq={"jobs_per_message": 1}, prefetch=10)
+        await broker.publish(_jobs(10))
+        stream = broker.consume()
+        held = await _take(stream, 10)
+        assert proxy.cut_all() >= 1
+        await asyncio.sleep(0.5)
+        # Settling jobs of the lost channel is a no-op, never an error...
+        await broker.ack(held[:5])
+        await broker.dead_letter(held[5], "http_404", "gone", 1, decode_job(held[5].body))
+        # ...and every one of them comes back on the new channel.
+        back = await _take(stream, 10, timeout_s=30)
+        assert {d.body for d in back} == {d.body for d in held}
+        await broker.ack(back)
+        await broker.publish(_jobs(2, "after-cut"))
+        after = await _take(stream, 2)
+        assert {decode_job(d.body).item_id for d in after} == {"after-cut-0", "after-cut-1"}
+        await broker.ack(after)
+        assert await broker.dead_letters() == []
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.close()
+
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        asyncio.run(main(proxy))
+
+
+def test_raw_bodies_are_delivered_as_they_are(rabbitmq_url: str, rabbit_prefix: str) -> None:
+    async def main() -> None:
+        broker = await _connected(rabbitmq_url, rabbit_prefix)
+        bodies = [b"", b"\x00\xff", orjson.dumps({"a": 1}) + b"\n" + b"second line"]
+        await broker.publish_raw(bodies, lane="live")
+        stream = broker.consume()
+        got = await _take(stream, 3)
+        assert sorted(d.body for d in got) == sorted(bodies)
+        await broker.ack(got)
+        await stream.aclose()  # type: ignore[attr-defined]
+        await broker.close()
+
+    asyncio.run(main())

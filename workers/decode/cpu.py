@@ -1,0 +1,368 @@
+"""CPU image decode: bytes in, a preprocessed ``size`` x ``size`` RGB array out.
+
+Every path ends in ``preprocess.resize_and_crop`` so it matches ``reference_preprocess``;
+``tests/unit/workers/test_decode_paths.py`` holds each path to the reference within a stated
+tolerance. The header is always read first with Pillow (no pixel memory yet), so the pixel
+cap applies before any library allocates the image, whichever library decodes it.
+
+Path per format, chosen from measurements on a 2-core VM, 800-2000 px images, one core,
+bytes to 224x224 (images/s; naive Pillow open + convert + resize in brackets):
+
+- JPEG: Pillow ``draft`` (DCT-domain downscale). Baseline 278 (55), progressive 129 (44).
+  OpenCV ``IMREAD_REDUCED_*`` (290 / 115) and simplejpeg (295 / 115) were within noise,
+  but Pillow alone also handles CMYK / Adobe JPEGs, EXIF orientation and truncated files
+  the way the reference does, so it stays the JPEG path.
+- PNG: libvips decode (sequential) + our resize: 36 vs Pillow 27 (decode alone 60 vs 33).
+- WebP: OpenCV ``imdecode``: 66 vs Pillow 45; with alpha 27 vs 14 (compositing in Pillow).
+  Animated WebP and WebP with EXIF go to Pillow (first frame, orientation).
+- GIF, BMP, TIFF and anything a fast path refuses: Pillow.
+
+Failures are always ``ImgfleetError`` subclasses with a reason code; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyvips
+from PIL import Image, ImageFile, ImageOps
+
+from common.errors import ImgfleetError, PermanentError, Reason, TransientError
+from workers.decode.preprocess import INPUT_SIZE, resize_and_crop, to_rgb
+
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MIN_DECODED_FRACTION = 0.5
+
+_JPEG_EOI = b"\xff\xd9"
+_PILLOW_FORMATS = {
+    "jpeg": ["JPEG"],
+    "png": ["PNG"],
+    "webp": ["WEBP"],
+    "gif": ["GIF"],
+    "bmp": ["BMP"],
+    "tiff": ["TIFF"],
+}
+# BITMAPINFOHEADER variants; checking the header size keeps "BM..." text from passing as BMP.
+_BMP_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
+# ImageFile.LOAD_TRUNCATED_IMAGES is a process-wide flag; this lock keeps two recoveries in
+# one process from racing on it (pool workers decode one image at a time anyway).
+_TRUNCATED_FLAG_LOCK = threading.Lock()
+# libjpeg fills the blocks it never received with a zero DC coefficient: mid grey.
+_JPEG_FILL_RGB = (128, 128, 128)
+# VP8X feature flags (WebP container spec): animation and EXIF need Pillow's handling.
+_VP8X_ANIMATION = 0x02
+_VP8X_EXIF = 0x08
+
+
+@dataclass
+class DecodeResult:
+    pixels: np.ndarray  # uint8, size x size x 3, RGB, C-contiguous
+    format: str  # from sniff_format
+    width: int  # original, before EXIF rotation
+    height: int
+    recovered: bool  # a truncated file whose decodable part was used
+    decode_ms: float
+    path: str  # which decoder path produced the pixels, e.g. "pillow-draft"
+    decoded_fraction: float = 1.0  # share of the image's rows that were really decoded
+
+
+def configure_decoder_threads() -> None:
+    """One thread per decoder: parallelism comes from the pool's processes, and native
+    thread pools in every process would only fight over the same cores."""
+    cv2.setNumThreads(1)
+    pyvips.concurrency_set(1)
+    pyvips.cache_set_max(0)  # each buffer is decoded once; caching only holds memory
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Format from magic bytes only: names and content types lie."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if data.startswith(b"BM") and int.from_bytes(data[14:18], "little") in _BMP_HEADER_SIZES:
+        return "bmp"
+    return None
+
+
+def decode_image(
+    data: bytes,
+    *,
+    size: int = INPUT_SIZE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    recover_truncated: bool = True,
+    min_decoded_fraction: float = 0.0,
+    fast_paths: bool = True,
+) -> DecodeResult:
+    """Decode and preprocess one image; raises only ImgfleetError subclasses.
+
+    ``min_decoded_fraction``: a recovered (truncated) image with less of its rows decoded
+    than this is refused as ``truncated``. ``fast_paths=False`` forces Pillow everywhere
+    (tests compare the two).
+    """
+    started = time.perf_counter()
+    if not data:
+        raise PermanentError("zero-byte body", Reason.EMPTY)
+    image_format = sniff_format(data)
+    if image_format is None:
+        raise PermanentError(f"unknown magic bytes {data[:8]!r}", Reason.NOT_AN_IMAGE)
+    try:
+        result = _decode(data, image_format, size, max_pixels, recover_truncated, fast_paths)
+    except ImgfleetError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise PermanentError(str(exc), Reason.TOO_MANY_PIXELS) from exc
+    except MemoryError as exc:
+        # The header passed max_pixels, so this is the host running short, not the image.
+        raise TransientError("out of memory while decoding", Reason.INTERNAL) from exc
+    except Exception as exc:  # any other decoder failure is a property of the bytes
+        detail = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        if _is_cut_short(data, image_format):
+            raise PermanentError(f"{image_format} truncated: {detail}", Reason.TRUNCATED) from exc
+        raise PermanentError(f"{image_format} undecodable: {detail}", Reason.UNDECODABLE) from exc
+    if result.recovered and result.decoded_fraction < min_decoded_fraction:
+        raise PermanentError(
+            f"{image_format} truncated: only {result.decoded_fraction:.0%} of the rows "
+            f"decodable (minimum {min_decoded_fraction:.0%})",
+            Reason.TRUNCATED,
+        )
+    result.decode_ms = (time.perf_counter() - started) * 1000.0
+    return result
+
+
+def probe(data: bytes, image_format: str) -> tuple[int, int]:
+    """(width, height) from the header alone; no pixel memory is allocated."""
+    with _open(data, image_format) as img:
+        return img.size
+
+
+def _decode(
+    data: bytes,
+    image_format: str,
+    size: int,
+    max_pixels: int,
+    recover_truncated: bool,
+    fast_paths: bool,
+) -> DecodeResult:
+    with _open(data, image_format) as img:
+        width, height = img.size
+        # Image.open reads only the header, so this runs before any pixel memory exists.
+        if width <= 0 or height <= 0:
+            raise PermanentError(f"bad dimensions {width}x{height}", Reason.UNDECODABLE)
+        if width * height > max_pixels:
+            raise PermanentError(
+                f"{width}x{height} exceeds {max_pixels} pixels", Reason.TOO_MANY_PIXELS
+            )
+        if fast_paths and image_format == "png" and b"eXIf" not in data:
+            return _decode_png_vips(data, width, height, size)
+        if fast_paths and image_format == "webp" and _is_simple_webp(data):
+            return _decode_webp_cv2(data, width, height, size)
+        path = _prepare(img, image_format, size)
+        try:
+            img.load()
+            return _finish(img, image_format, width, height, size, path, recovered=False)
+        except OSError as exc:
+            if not _is_truncation(exc):
+                raise
+            truncation = exc
+    # Only JPEG is recovered: libjpeg degrades gracefully (the tail goes grey), and broken
+    # JPEGs are the common case on catalogue CDNs. A truncated PNG loses whole rows.
+    if not recover_truncated or image_format != "jpeg":
+        raise PermanentError(f"{image_format} truncated: {truncation}", Reason.TRUNCATED)
+    return _recover(data, image_format, width, height, size, truncation)
+
+
+def _open(data: bytes, image_format: str) -> ImageFile.ImageFile:
+    # Restricting Pillow to the sniffed format stops it from guessing a different one.
+    img = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS[image_format])
+    assert isinstance(img, ImageFile.ImageFile)
+    return img
+
+
+def _prepare(img: ImageFile.ImageFile, image_format: str, size: int) -> str:
+    """Set up shrink-on-load where the format has it; returns the path name."""
+    if image_format != "jpeg":
+        return "pillow"
+    # draft() picks the largest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= the
+    # request; asking for size x size keeps the shorter side >= size.
+    full_size = img.size
+    img.draft("RGB", (size, size))
+    return "pillow-draft" if img.size != full_size else "pillow"
+
+
+def _finish(
+    img: Image.Image,
+    image_format: str,
+    width: int,
+    height: int,
+    size: int,
+    path: str,
+    *,
+    recovered: bool,
+) -> DecodeResult:
+    decoded_fraction = _decoded_row_fraction(img) if recovered else 1.0
+    try:
+        oriented = ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block should not lose a good image
+        oriented = img
+    rgb = np.asarray(to_rgb(oriented), dtype=np.uint8)
+    pixels = resize_and_crop(rgb, size)
+    return DecodeResult(
+        pixels=pixels,
+        format=image_format,
+        width=width,
+        height=height,
+        recovered=recovered,
+        decode_ms=0.0,
+        path=path,
+        decoded_fraction=decoded_fraction,
+    )
+
+
+def _decoded_row_fraction(img: Image.Image) -> float:
+    """Share of rows above the grey fill libjpeg leaves where a baseline JPEG was cut.
+
+    A progressive JPEG cut after its first scan has every row (at lower quality), so it
+    counts as whole. A real photo whose bottom rows are exactly mid grey would be
+    under-counted; product shots are on white, so that costs little.
+    """
+    rgb = np.asarray(img.convert("RGB"))
+    filled = (rgb == np.asarray(_JPEG_FILL_RGB, np.uint8)).all(axis=(1, 2))
+    height = len(filled)
+    # argmin finds the first non-fill row counted from the bottom: the fill's height.
+    trailing = height if filled.all() else int(np.argmin(filled[::-1]))
+    return 1.0 - trailing / max(height, 1)
+
+
+def _decode_png_vips(data: bytes, width: int, height: int, size: int) -> DecodeResult:
+    # fail_on="error" turns a damaged or cut stream into an exception instead of a
+    # silently partial image.
+    img = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
+    if img.format == "ushort":
+        # The reference keeps the high byte of 16-bit samples (v >> 8), alpha included,
+        # and composites afterwards.
+        img = (img >> 8).cast("uchar")
+    elif img.format != "uchar":
+        raise PermanentError(f"png sample format {img.format} not supported", Reason.UNDECODABLE)
+    if img.hasalpha():
+        # max_alpha explicitly: after the cast above the image may still say "rgb16",
+        # and flatten would then read alpha on a 0..65535 scale.
+        img = img.flatten(background=[255] * (img.bands - 1), max_alpha=255)
+    array = np.ndarray(
+        buffer=img.write_to_memory(), dtype=np.uint8, shape=(img.height, img.width, img.bands)
+    )
+    rgb = _as_rgb(array)
+    return DecodeResult(
+        pixels=resize_and_crop(rgb, size),
+        format="png",
+        width=width,
+        height=height,
+        recovered=False,
+        decode_ms=0.0,
+        path="vips",
+    )
+
+
+def _is_simple_webp(data: bytes) -> bool:
+    chunk = data[12:16]
+    if chunk in (b"VP8 ", b"VP8L"):
+        return True
+    if chunk == b"VP8X" and len(data) > 20:
+        return not data[20] & (_VP8X_ANIMATION | _VP8X_EXIF)
+    return False
+
+
+def _decode_webp_cv2(data: bytes, width: int, height: int, size: int) -> DecodeResult:
+    # IMREAD_UNCHANGED keeps alpha and skips OpenCV's own EXIF handling (there is none here).
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError("OpenCV could not decode the WebP stream")
+    if array.ndim == 3 and array.shape[2] == 4:
+        rgba = Image.fromarray(cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA))
+        rgb = np.asarray(to_rgb(rgba), dtype=np.uint8)
+    elif array.ndim == 3:
+        rgb = np.asarray(cv2.cvtColor(array, cv2.COLOR_BGR2RGB), dtype=np.uint8)
+    else:
+        rgb = _as_rgb(array)
+    return DecodeResult(
+        pixels=resize_and_crop(np.ascontiguousarray(rgb), size),
+        format="webp",
+        width=width,
+        height=height,
+        recovered=False,
+        decode_ms=0.0,
+        path="opencv",
+    )
+
+
+def _as_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., np.newaxis]
+    if array.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(array, 3, axis=2))
+    if array.shape[2] == 3:
+        return np.ascontiguousarray(array)
+    raise PermanentError(f"unexpected band count {array.shape[2]}", Reason.UNDECODABLE)
+
+
+def _is_truncation(exc: OSError) -> bool:
+    # Pillow's strict load raises "image file is truncated (N bytes not processed)" when
+    # the stream ends before the decoder is done (including a JPEG that lacks only EOI).
+    return "truncated" in str(exc)
+
+
+def _is_cut_short(data: bytes, image_format: str) -> bool:
+    """Whether the container says more bytes were due, for formats whose failures
+    otherwise look like plain corruption."""
+    if image_format == "webp":
+        declared_bytes = int.from_bytes(data[4:8], "little") + 8
+        return len(data) < declared_bytes
+    if image_format == "png":
+        return b"IEND" not in data[-12:]
+    return False
+
+
+def _recover(
+    data: bytes,
+    image_format: str,
+    width: int,
+    height: int,
+    size: int,
+    truncation: OSError,
+) -> DecodeResult:
+    # An appended EOI marker makes libjpeg finish the scan with what it has (the rest is
+    # filled grey), with no process-wide flag involved.
+    try:
+        with _open(data + _JPEG_EOI, image_format) as img:
+            path = _prepare(img, image_format, size)
+            img.load()
+            return _finish(img, image_format, width, height, size, path + "+eoi", recovered=True)
+    except OSError:
+        pass  # cut inside a marker segment (e.g. a DHT between progressive scans)
+    with _TRUNCATED_FLAG_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            with _open(data, image_format) as img:
+                path = _prepare(img, image_format, size)
+                img.load()
+                return _finish(
+                    img, image_format, width, height, size, path + "+truncated", recovered=True
+                )
+        except OSError as exc:
+            raise PermanentError(
+                f"{image_format} truncated beyond recovery: {truncation}", Reason.TRUNCATED
+            ) from exc
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
