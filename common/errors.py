@@ -1,13 +1,19 @@
-"""Failure classes with stable reason codes.
+"""One error hierarchy: job failures, operator errors, unrecoverable process errors.
 
-Every failure a job can meet is either transient (retry with backoff) or permanent
-(straight to the DLQ). The reason code is what ops filter and requeue by, so the codes are
-part of the public contract: add new ones, never rename.
+- ``JobFailure`` (``PermanentError`` / ``TransientError``): what happened to one job. Its
+  ``reason`` is the DLQ contract that ops filter and requeue by: add codes, never rename.
+  A job failure always names its reason; there is no default.
+- ``OperatorError``: a command refused or failed for a reason the operator must act on (a
+  run conflict, the mass-delete guard, a generation that cannot be published). It carries
+  the command's exit code and never reaches a job.
+- ``ConfigError``: invalid settings or refused credentials, at start-up (exit 2).
+- ``UnrecoverableError``: the process cannot go on (broker gone past its deadline, model
+  or decode pool failed); it exits 1 and is restarted, and no job is settled because of it.
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class Reason(StrEnum):
@@ -34,42 +40,77 @@ class Reason(StrEnum):
     STORAGE = "storage"
 
 
+class ExitCode(IntEnum):
+    """Every exit status imgfleet's commands use (one table for workers and the CLI)."""
+
+    OK = 0  # done; a worker stopped on SIGTERM (or drained) with in-flight work settled
+    FAILED = 1  # a command failed; a worker's broker, model or decode pool is gone
+    CONFIG = 2  # invalid configuration, credentials or usage: a restart alone will not help
+    MASS_DELETE = 3  # the nightly run stopped before deleting more than the guard allows
+    RUN_EXISTS = 4  # the run id is taken by another catalogue or state
+    INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), after draining like SIGTERM
+
+    # A worker's name for FAILED (the orchestrator restarts on anything but 0).
+    UNRECOVERABLE = 1
+
+
 class ImgfleetError(Exception):
     """Base of every error the project raises on purpose."""
 
-    reason: Reason = Reason.UNDECODABLE
-    transient: bool = False
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
+class JobFailure(ImgfleetError):
+    """One job's failure, with the reason it is retried or dead-lettered under."""
+
+    reason: Reason  # set by each subclass or passed in; never defaulted
+    transient: bool
 
     def __init__(self, message: str, reason: Reason | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
-
-    @property
-    def message(self) -> str:
-        return str(self.args[0]) if self.args else self.reason.value
+        elif not isinstance(getattr(type(self), "reason", None), Reason):
+            raise TypeError(f"{type(self).__name__} needs a reason: {message}")
 
 
-class PermanentError(ImgfleetError):
+class PermanentError(JobFailure):
     """Retrying cannot help: the job goes to the DLQ with this reason."""
 
     transient = False
 
 
-class TransientError(ImgfleetError):
+class TransientError(JobFailure):
     """May succeed later: retried with jittered backoff up to the attempt limit."""
 
     transient = True
-    reason = Reason.CONNECTION
 
 
 class BadMessageError(PermanentError):
     reason = Reason.BAD_MESSAGE
 
 
-class ConfigError(ImgfleetError):
+class OperatorError(ImgfleetError):
+    """A command stopped for a reason the operator acts on; ``exit_code`` says which."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+class ConfigError(OperatorError):
     """Configuration is invalid; raised at start-up, never for a single job."""
 
+    exit_code = ExitCode.CONFIG
 
-def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, ImgfleetError) and exc.transient
+
+class UnrecoverableError(ImgfleetError):
+    """The process cannot go on; it exits 1 and is restarted.
+
+    It says nothing about the job that was running when it was raised, so no job may be
+    retried or dead-lettered because of it.
+    """
+
+    def __init__(self, message: str, component: str) -> None:
+        super().__init__(message)
+        self.component = component  # broker | model | decode_pool | pipeline

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 
 from common.config import Settings
-from common.errors import ImgfleetError
+from common.errors import JobFailure
 from common.identity import content_hash
 from imgfleet.wiring import make_embedder, make_fetcher
 from workers.decode.cpu import configure_decoder_threads, decode_image, sniff_format
@@ -91,7 +91,7 @@ async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str
                         f"decoded the readable part ({result.decoded_fraction:.0%} of rows); "
                         f"worker.truncated_policy is {w.truncated_policy}"
                     )
-            except ImgfleetError as exc:
+            except JobFailure as exc:
                 report.update(reason=exc.reason.value, error=exc.message)
             report["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
             reports.append(report)

@@ -12,10 +12,10 @@ import signal
 import time
 from typing import Any
 
-from common.brokers.base import Broker
+from common.brokers.base import Broker, QueueInspector
 from common.config import Settings
-from common.errors import ConfigError, ImgfleetError
-from common.observability.health import Health, UnrecoverableError
+from common.errors import ConfigError, JobFailure, UnrecoverableError
+from common.observability.health import Health
 from common.observability.logging import bind_process, get_logger, unbind_process
 from common.observability.metrics import Metrics, default_metrics, poll_queue_stats
 from common.observability.ops_http import OpsServer
@@ -169,16 +169,10 @@ def make_decoder(settings: Settings, pool: DecodePool, log: Any) -> Any:
     )
 
 
-def broker_connected(broker: Any) -> bool:
-    """The adapter's own view (``is_connected()``); adapters without one (local) are."""
-    is_connected = getattr(broker, "is_connected", None)
-    return bool(is_connected()) if callable(is_connected) else True
-
-
-def broker_has_work(broker: Any) -> bool:
+def broker_has_work(broker: QueueInspector) -> bool:
     """Kafka: the group assigned this consumer partitions (a surplus member has no work,
     which makes it unready but is no reason to exit). Other brokers: always."""
-    assigned = getattr(broker, "assigned_partitions", None)
+    assigned = broker.assigned_partitions
     return assigned is None or assigned > 0
 
 
@@ -196,7 +190,7 @@ async def connect_broker(broker: Broker, give_up_s: float, log: Any) -> None:
             return
         except ConfigError:
             raise
-        except (ImgfleetError, OSError) as exc:
+        except (JobFailure, OSError) as exc:
             left_s = deadline_s - time.monotonic()
             if left_s <= 0:
                 raise UnrecoverableError(
@@ -221,7 +215,7 @@ async def _watch_broker(
     connection down past ``give_up_s`` is fatal."""
     down_since_s: float | None = None
     while True:
-        connected = broker_connected(broker)
+        connected = broker.is_connected()
         health.set_ready("broker", connected and broker_has_work(broker))
         metrics.broker_connected.set(int(connected))
         now_s = time.monotonic()
@@ -343,7 +337,7 @@ async def _run_worker(
     give_up_s = settings.worker.broker_give_up_s
     broker = make_broker(settings)
     await connect_broker(broker, give_up_s, log)
-    health.set_ready("broker", broker_connected(broker))
+    health.set_ready("broker", broker.is_connected())
     storage = make_storage(settings)
     writer = SegmentWriter(storage, settings.index.n_shards, worker_id)
     pool = DecodePool(
@@ -423,7 +417,7 @@ async def _run_worker(
         with contextlib.suppress(Exception):
             # Bounded: a broker that is away must not hold the exit (closing the
             # connection is what returns unacked jobs; a lost one has returned them).
-            close_s = 10.0 if broker_connected(broker) else 2.0
+            close_s = 10.0 if broker.is_connected() else 2.0
             await asyncio.wait_for(broker.close(), timeout=close_s)
     log.info("worker stopped", **stats.as_dict())
     return stats

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import ImgfleetError, Reason
+from common.errors import OperatorError
 from common.observability.logging import get_logger
 from common.observability.progress import Progress
 from common.storage.base import Storage
@@ -54,13 +54,12 @@ from index.shardset import ShardSetBuilder
 DEFAULT_GRACE_S = 600.0
 
 
-class IndexBuildError(ImgfleetError):
-    reason = Reason.INTERNAL
+class IndexBuildError(OperatorError):
+    """The segments cannot make a generation (no dim, several models, ...)."""
 
 
-class ManifestConflictError(ImgfleetError):
-    reason = Reason.STORAGE
-    transient = True
+class ManifestConflictError(OperatorError):
+    """Another writer moved the manifest on; the build may simply be run again."""
 
 
 @dataclass(frozen=True)

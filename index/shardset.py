@@ -28,7 +28,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.errors import ImgfleetError, Reason
+from common.errors import OperatorError
 from common.observability.logging import get_logger
 from common.observability.progress import Progress
 from common.storage.base import Storage
@@ -52,8 +52,8 @@ from index.shardfiles import ShardRows, encode_table, encode_vectors, read_base
 _K = 10
 
 
-class ShardSetError(ImgfleetError):
-    reason = Reason.INTERNAL
+class ShardSetError(OperatorError):
+    """A shard set cannot be trained or written as configured."""
 
 
 def index_bytes(index: faiss.Index) -> bytes:

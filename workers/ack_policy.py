@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from common.errors import ImgfleetError, Reason
+from common.errors import JobFailure, Reason
 from common.retry import backoff_delay_s
 
 
@@ -22,7 +22,7 @@ class FailureOutcome:
 
 def classify(exc: BaseException) -> tuple[str, bool, str]:
     """(reason code, transient?, message) for any exception a stage raised."""
-    if isinstance(exc, ImgfleetError):
+    if isinstance(exc, JobFailure):
         return exc.reason.value, exc.transient, exc.message
     # An unexpected exception is a bug, not a property of the image: retry it (a fix may be
     # deployed meanwhile) and dead-letter it as internal_error once attempts run out.

@@ -26,10 +26,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.brokers.base import Broker, Delivery
-from common.errors import BadMessageError, ConfigError, ImgfleetError, PermanentError, Reason
+from common.brokers.base import Delivery, WorkerBroker
+from common.errors import (
+    BadMessageError,
+    ConfigError,
+    JobFailure,
+    PermanentError,
+    Reason,
+    UnrecoverableError,
+)
 from common.identity import content_hash
-from common.observability.health import Health, UnrecoverableError
+from common.observability.health import Health
 from common.observability.logging import get_logger
 from common.observability.metrics import UNKNOWN_LANE, Metrics, default_metrics
 from common.observability.progress import Progress
@@ -130,7 +137,7 @@ class WorkerStats:
 class Worker:
     def __init__(
         self,
-        broker: Broker,
+        broker: WorkerBroker,
         writer: SegmentWriter,
         fetcher: FetcherLike,
         decoder: DecoderLike,
@@ -279,10 +286,8 @@ class Worker:
         leftover = list(self._in_flight.values())
         if leftover:
             self.log.warning("handing back unfinished jobs", jobs=len(leftover))
-            nack = getattr(self.broker, "nack", None)
-            if nack is not None:
-                with contextlib.suppress(ImgfleetError):
-                    await nack(leftover)
+            with contextlib.suppress(JobFailure):
+                await self.broker.nack(leftover)
             self._in_flight.clear()
             self._track_in_flight()
 
@@ -292,7 +297,7 @@ class Worker:
             await asyncio.sleep(0.25)
             try:
                 busy = bool(self._in_flight) or await self.broker.pending() > 0
-            except ImgfleetError as exc:  # the broker is away: not idle, just unknown
+            except JobFailure as exc:  # the broker is away: not idle, just unknown
                 self.log.debug("could not read the backlog", error=str(exc))
                 busy = True
             quiet_checks = 0 if busy else quiet_checks + 1
@@ -337,7 +342,7 @@ class Worker:
                         return
                 return
             except Exception as exc:
-                if isinstance(exc, ImgfleetError) and not exc.transient:
+                if isinstance(exc, JobFailure) and not exc.transient:
                     raise  # invalid settings or topology: waiting will not fix it
                 now_s = time.monotonic()
                 failing_since_s = failing_since_s or now_s
@@ -543,7 +548,7 @@ class Worker:
         try:
             with self.metrics.time_stage("ack"):
                 await self.broker.ack(deliveries)
-        except ImgfleetError as exc:
+        except JobFailure as exc:
             # The outcomes are durable in segments; unacked, the jobs come back and their
             # replay changes nothing in the index.
             self.log.error("ack failed; the jobs will be redelivered", error=str(exc))
@@ -600,7 +605,7 @@ class Worker:
                         error=outcome.error,
                         **context,
                     )
-        except ImgfleetError as broker_exc:
+        except JobFailure as broker_exc:
             # The outcome is not durable, so the job stays unacked and will be redelivered.
             self.log.error("could not settle failed job", error=str(broker_exc), **context)
             return

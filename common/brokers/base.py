@@ -1,4 +1,11 @@
-"""The broker protocol the pipeline talks to; adapters live beside it.
+"""The broker's roles, one small protocol each; every adapter implements all of them.
+
+A consumer of the broker is typed against the roles it uses, not against everything an
+adapter can do: the worker consumes and settles (``Consumer``) and watches the link
+(``QueueInspector``); a producer publishes with a ledger (``Publisher``, ``PublishLedger``);
+the CMS intake publishes and probes; ops tools read and settle dead letters
+(``DeadLetterStore``) and lane figures. ``Broker`` is all of them together: only the
+composition root, which builds adapters, and adapter tests name it.
 
 Outcomes are settled through the broker, not the delivery, so an adapter can batch them
 (one multi-ack on RabbitMQ, one transaction on the local queue, one offset commit on Kafka).
@@ -62,21 +69,24 @@ ActOnLetters = Callable[[list[DeadLetter]], Awaitable[None]]
 LedgerPosition = dict[str, int]
 
 
-@runtime_checkable
-class Broker(Protocol):
+class Connection(Protocol):
     async def connect(self) -> None: ...
 
     async def close(self) -> None: ...
 
+
+class Publisher(Connection, Protocol):
     async def publish(self, jobs: Sequence[Job], ledger: str | None = None) -> None:
         """Return only once every job is durable on the broker.
 
         With ``ledger``, each job's id also goes into that publish ledger atomically with
         the job itself, so after a crash a job is in the ledger exactly when it is on the
-        broker (see ``ledger_job_ids``).
+        broker (see ``PublishLedger.ledger_job_ids``).
         """
         ...
 
+
+class PublishLedger(Protocol):
     def ledger_capacity(self, batch_jobs: int) -> int | None:
         """``publish`` calls of up to ``batch_jobs`` jobs a ledger surely keeps between two
         ``ledger_mark`` calls (None: no bound)."""
@@ -98,15 +108,17 @@ class Broker(Protocol):
         """Forget the ledger once its run is published (a missing ledger is fine)."""
         ...
 
-    async def publish_raw(self, bodies: Sequence[bytes], lane: str = "bulk") -> None:
-        """Publish bodies as they are (ops tools and tests of malformed input)."""
-        ...
 
+class Consumer(Connection, Protocol):
     def consume(self) -> AsyncIterator[Delivery]:
         """Yield deliveries, at most ``prefetch`` unsettled at once."""
         ...
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None: ...
+
+    async def nack(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand deliveries back untouched for immediate redelivery (the shutdown path)."""
+        ...
 
     async def retry(self, delivery: Delivery, job: Job, delay_s: float) -> None:
         """Hand the job back for another attempt after ``delay_s`` (replaces the delivery)."""
@@ -123,10 +135,8 @@ class Broker(Protocol):
         """Durably record the failure with its reason, then drop the delivery."""
         ...
 
-    async def pending(self) -> int:
-        """Jobs not yet settled, in flight or waiting (0 means the queue is drained)."""
-        ...
 
+class DeadLetterStore(Connection, Protocol):
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]: ...
 
     async def settle_dead_letters(
@@ -147,6 +157,43 @@ class Broker(Protocol):
         """
         ...
 
+
+class QueueInspector(Protocol):
+    async def pending(self) -> int:
+        """Jobs not yet settled, in flight or waiting (0 means the queue is drained)."""
+        ...
+
     async def lane_stats(self) -> list[LaneStats]:
         """Queue figures per lane (live, bulk, retry, dlq) as far as the broker can tell."""
         ...
+
+    def is_connected(self) -> bool:
+        """The adapter's own view of its link (False while a reconnect is under way)."""
+        ...
+
+    @property
+    def assigned_partitions(self) -> int | None:
+        """Kafka: partitions the group gave this consumer (0: a surplus member with no
+        work; None before consuming starts). Brokers without assignment: None."""
+        ...
+
+
+@runtime_checkable
+class Broker(Publisher, PublishLedger, Consumer, DeadLetterStore, QueueInspector, Protocol):
+    """Every role: what an adapter implements and the composition root hands out."""
+
+
+class WorkerBroker(Consumer, QueueInspector, Protocol):
+    """What a worker uses: consume and settle, and watch the link and the backlog."""
+
+
+class ProducerBroker(Publisher, PublishLedger, Protocol):
+    """What a nightly run uses: publish with a resume ledger."""
+
+
+class IntakeBroker(Publisher, QueueInspector, Protocol):
+    """What the CMS intake uses: publish with confirms, and probe the link for /readyz."""
+
+
+class OpsBroker(DeadLetterStore, Publisher, QueueInspector, Protocol):
+    """What ops commands use: read and settle dead letters, republish, read lane figures."""

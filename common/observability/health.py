@@ -1,4 +1,4 @@
-"""Liveness and readiness of one process, and the exit codes an orchestrator acts on.
+"""Liveness and readiness of one process (exit codes: ``common.errors.ExitCode``).
 
 Liveness (``/healthz``) asks "is this process stuck?" and fails, so the orchestrator
 restarts it, when
@@ -24,29 +24,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from enum import IntEnum
 from typing import Any
-
-
-class ExitCode(IntEnum):
-    """What a worker's exit status means (the orchestrator restarts on anything but 0)."""
-
-    OK = 0  # stopped on SIGTERM (or drained with --until-idle); in-flight work settled
-    UNRECOVERABLE = 1  # broker gone past its give-up deadline, model or decode pool failed
-    CONFIG = 2  # invalid configuration or credentials: a restart alone will not help
-    INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), after draining like SIGTERM
-
-
-class UnrecoverableError(RuntimeError):
-    """The process cannot go on; it should exit 1 and be restarted.
-
-    Not an ``ImgfleetError``: it says nothing about the job that was running when it was
-    raised, so no job may be retried or dead-lettered because of it.
-    """
-
-    def __init__(self, message: str, component: str) -> None:
-        super().__init__(message)
-        self.component = component  # broker | model | decode_pool | pipeline
 
 
 class Heartbeat:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
-from typing import Any
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -32,7 +31,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from common.brokers.base import LaneStats
+from common.brokers.base import LaneStats, QueueInspector
 from common.errors import Reason
 
 # ``*_created`` series double the exposition and nothing here reads them (process-wide).
@@ -318,35 +317,9 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-def lane_stats_from_depths(depths: Mapping[str, int]) -> list[LaneStats]:
-    """Fallback for brokers without ``lane_stats()``: queue names -> lanes.
-
-    Names are lanes themselves (local broker) or ``<prefix>.<lane>``, ``<prefix>.dlq`` and
-    ``<prefix>.delay.<lane>.<ms>ms`` / ``<prefix>.retry.<s>s`` (RabbitMQ / Kafka).
-    """
-    totals: dict[str, int] = {}
-    for name, count in depths.items():
-        parts = name.split(".")
-        if "delay" in parts or "retry" in parts:
-            lane = "retry"
-        elif parts[-1] in QUEUE_LANES:
-            lane = parts[-1]
-        else:
-            continue
-        totals[lane] = totals.get(lane, 0) + int(count)
-    return [LaneStats(lane, n) for lane, n in totals.items()]
-
-
-async def poll_queue_stats(broker: Any, metrics: Metrics) -> list[LaneStats]:
-    """Read the broker's per-lane figures (``lane_stats()``, else ``depths()``) into gauges."""
-    lane_stats: Callable[[], Any] | None = getattr(broker, "lane_stats", None)
-    if lane_stats is not None:
-        stats = list(await lane_stats())
-    else:
-        depths: Callable[[], Any] | None = getattr(broker, "depths", None)
-        if depths is None:
-            return []
-        stats = lane_stats_from_depths(await depths())
+async def poll_queue_stats(broker: QueueInspector, metrics: Metrics) -> list[LaneStats]:
+    """Read the broker's per-lane figures into the queue gauges."""
+    stats = await broker.lane_stats()
     metrics.set_queue_stats(stats)
     return stats
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from common.config import Settings, load_settings, masked_dump
-from common.errors import ConfigError, ImgfleetError
+from common.errors import ConfigError, ExitCode, ImgfleetError, JobFailure, OperatorError
 from common.observability.logging import configure_logging, settings_secrets
 from imgfleet.cli.index import register as register_index_commands
 from imgfleet.cli.ops import register as register_ops_commands
@@ -108,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imgfleet: configuration error: {exc}", file=sys.stderr)
         return 2
-    except ImgfleetError as exc:
+    except JobFailure as exc:
         print(f"imgfleet: {exc.reason.value}: {exc}", file=sys.stderr)
-        return 1
+        return int(ExitCode.FAILED)
+    except OperatorError as exc:
+        print(f"imgfleet: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except ImgfleetError as exc:
+        print(f"imgfleet: {exc}", file=sys.stderr)
+        return int(ExitCode.FAILED)
     except KeyboardInterrupt:
         return 130
 
@@ -169,10 +175,10 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_work(args: argparse.Namespace, settings: Settings) -> int:
-    """Exit codes (common.observability.health.ExitCode): 0 drained on SIGTERM or --until-idle, 1
+    """Exit codes (common.errors.ExitCode): 0 drained on SIGTERM or --until-idle, 1
     unrecoverable (broker gone past worker.broker_give_up_s, model or decode pool failed),
     2 configuration, 130 SIGINT (after draining like SIGTERM)."""
-    from common.observability.health import ExitCode, UnrecoverableError
+    from common.errors import UnrecoverableError
     from common.observability.logging import get_logger
     from imgfleet.wiring import run_worker
 

@@ -232,7 +232,7 @@ def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[int], int]:
     """(image ids of the run's dead-lettered jobs, letters whose job could not be read)."""
-    from common.errors import ImgfleetError
+    from common.errors import JobFailure
     from common.schema import decode_job
     from imgfleet.factories import read_dead_letters
 
@@ -243,7 +243,7 @@ async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[in
             continue
         try:
             ids.append(decode_job(letter.body).image_id)
-        except ImgfleetError:
+        except JobFailure:
             unreadable += 1
     return ids, unreadable
 

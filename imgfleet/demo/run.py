@@ -19,7 +19,7 @@ import numpy as np
 
 from common.brokers.base import DeadLetter
 from common.config import Settings
-from common.errors import ImgfleetError
+from common.errors import JobFailure
 from common.identity import image_id_for
 from common.observability.logging import get_logger
 from common.schema import decode_job
@@ -139,7 +139,7 @@ def check_outcomes(corpus: Corpus, indexed: set[int], dead: list[DeadLetter]) ->
     for letter in dead:
         try:
             job = decode_job(letter.body)
-        except ImgfleetError:  # a malformed body has no key to compare
+        except JobFailure:  # a malformed body has no key to compare
             continue
         dead_by_key[f"{job.item_id}/{job.image_key}"] = letter.reason
     problems = []

@@ -27,7 +27,7 @@ import numpy as np
 from aiohttp import web
 
 from common.config import Settings
-from common.errors import ImgfleetError
+from common.errors import JobFailure
 from common.observability.health import Health
 from common.observability.logging import get_logger
 from common.observability.metrics import default_metrics
@@ -104,7 +104,7 @@ async def search_image(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="POST the image bytes as the body")
     try:
         vector: np.ndarray = await asyncio.to_thread(embed, data)  # type: ignore[arg-type]
-    except ImgfleetError as exc:
+    except JobFailure as exc:
         raise web.HTTPBadRequest(text=f"{exc.reason.value}: {exc}") from exc
     (hits,) = await asyncio.to_thread(searcher.search, np.asarray(vector)[None, :], k)
     return web.json_response({"generation": searcher.generation, "hits": _hits(hits)})

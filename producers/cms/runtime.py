@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
 from dataclasses import dataclass
 
 from common.brokers.base import Broker
@@ -70,12 +69,9 @@ def _is_loopback(host: str) -> bool:
 class BrokerLink:
     """Connects the broker in the background and answers whether it is usable now."""
 
-    def __init__(self, broker: Broker, *, probe_timeout_s: float = 2.0) -> None:
+    def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.connected = False
-        self.probe_timeout_s = probe_timeout_s
-        self._probe_lock = asyncio.Lock()
-        self._probe: tuple[float, bool, str] = (0.0, False, "not connected yet")
 
     async def keep_connecting(self) -> None:
         """Retry the first connect until it works; the adapter reconnects after that.
@@ -98,25 +94,8 @@ class BrokerLink:
             return
 
     async def ready(self) -> tuple[bool, str]:
-        """(usable, why not).
-
-        An adapter that tracks its connection (``is_connected()``) answers at once;
-        otherwise a cheap round trip to the broker, cached for a second.
-        """
+        """(usable, why not), from the adapter's own view of its link (``is_connected()``)."""
         if not self.connected:
             return False, "not connected to the broker yet"
-        is_connected = getattr(self.broker, "is_connected", None)
-        if callable(is_connected):
-            up = bool(is_connected())
-            return up, "" if up else "broker connection lost; reconnecting"
-        async with self._probe_lock:
-            at, ok, why = self._probe
-            if time.monotonic() - at < 1.0:
-                return ok, why
-            try:
-                await asyncio.wait_for(self.broker.pending(), self.probe_timeout_s)
-                ok, why = True, ""
-            except Exception as exc:
-                ok, why = False, f"broker not answering: {type(exc).__name__}: {exc}"
-            self._probe = (time.monotonic(), ok, why)
-            return ok, why
+        up = self.broker.is_connected()
+        return up, "" if up else "broker connection lost; reconnecting"

@@ -20,7 +20,7 @@ from typing import IO, Any
 import orjson
 
 from common.brokers.base import Broker, DeadLetter
-from common.errors import ImgfleetError
+from common.errors import JobFailure
 from common.schema import FailureRecord, Job, Lane, decode_job
 from producers.ops.filters import LetterFilter, letter_item_id
 
@@ -33,7 +33,7 @@ MAX_HISTORY_ERROR_CHARS = 2000  # FailureRecord.error's limit
 def job_of(letter: DeadLetter) -> Job | None:
     try:
         return decode_job(letter.body)
-    except ImgfleetError:
+    except JobFailure:
         return None
 
 

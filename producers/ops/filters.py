@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.brokers.base import DeadLetter
-from common.errors import ConfigError, ImgfleetError
+from common.errors import ConfigError, JobFailure
 from common.schema import decode_job
 
 _AGE_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -49,7 +49,7 @@ def letter_item_id(letter: DeadLetter) -> str | None:
         return letter.item_id
     try:
         return decode_job(letter.body).item_id
-    except ImgfleetError:
+    except JobFailure:
         return None
 
 

@@ -17,7 +17,7 @@ bytes to 224x224 (images/s; naive Pillow open + convert + resize in brackets):
   Animated WebP and WebP with EXIF go to Pillow (first frame, orientation).
 - GIF, BMP, TIFF and anything a fast path refuses: Pillow.
 
-Failures are always ``ImgfleetError`` subclasses with a reason code; nothing else escapes.
+Failures are always ``JobFailure`` subclasses with a reason code; nothing else escapes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import pyvips
 from PIL import Image, ImageFile, ImageOps
 
-from common.errors import ImgfleetError, PermanentError, Reason, TransientError
+from common.errors import JobFailure, PermanentError, Reason, TransientError
 from workers.decode.preprocess import INPUT_SIZE, resize_and_crop, to_rgb
 
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -105,7 +105,7 @@ def decode_image(
     min_decoded_fraction: float = 0.0,
     fast_paths: bool = True,
 ) -> DecodeResult:
-    """Decode and preprocess one image; raises only ImgfleetError subclasses.
+    """Decode and preprocess one image; raises only JobFailure subclasses.
 
     ``min_decoded_fraction``: a recovered (truncated) image with less of its rows decoded
     than this is refused as ``truncated``. ``fast_paths=False`` forces Pillow everywhere
@@ -119,7 +119,7 @@ def decode_image(
         raise PermanentError(f"unknown magic bytes {data[:8]!r}", Reason.NOT_AN_IMAGE)
     try:
         result = _decode(data, image_format, size, max_pixels, recover_truncated, fast_paths)
-    except ImgfleetError:
+    except JobFailure:
         raise
     except Image.DecompressionBombError as exc:
         raise PermanentError(str(exc), Reason.TOO_MANY_PIXELS) from exc

@@ -39,8 +39,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from common.errors import Reason, TransientError
-from common.observability.health import UnrecoverableError
+from common.errors import Reason, TransientError, UnrecoverableError
 from common.observability.logging import apply_logging_config, get_logger, logging_config
 from workers.decode.cpu import (
     DEFAULT_MAX_PIXELS,

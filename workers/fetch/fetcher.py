@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from common.errors import ImgfleetError, PermanentError, Reason, TransientError
+from common.errors import JobFailure, PermanentError, Reason, TransientError
 from workers.fetch.url_guard import AddressPolicy, GuardedResolver
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
-def error_for_status(status: int, url: str) -> ImgfleetError | None:
+def error_for_status(status: int, url: str) -> JobFailure | None:
     """The failure an HTTP status means, or None for success (2xx)."""
     if 200 <= status < 300:
         return None
@@ -322,7 +322,7 @@ class Fetcher:
                         0.0,
                         redirects=hop,
                     )
-            except ImgfleetError:
+            except JobFailure:
                 raise
             except (aiohttp.InvalidURL, aiohttp.RedirectClientError, ValueError) as exc:
                 raise PermanentError(

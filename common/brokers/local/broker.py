@@ -102,6 +102,14 @@ class LocalBroker:
                 raise
             self._conn = conn
 
+    def is_connected(self) -> bool:
+        """A file on this host: up from connect() to close()."""
+        return self._conn is not None
+
+    @property
+    def assigned_partitions(self) -> int | None:
+        return None  # every consumer shares the one queue
+
     async def close(self) -> None:
         self._closed.set()
         with self._lock:

@@ -157,6 +157,10 @@ class RabbitMQBroker:
         """Up since connect() or the last reconnect (channels restored); False while lost."""
         return self._link_up and self._connection is not None
 
+    @property
+    def assigned_partitions(self) -> int | None:
+        return None  # consumers share each queue; nothing is assigned
+
     async def _declare_topology(self, channel: AbstractRobustChannel) -> None:
         for name, arguments in self.topology.all_queues():
             try:

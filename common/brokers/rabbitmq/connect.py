@@ -6,9 +6,7 @@ environment) and win over any in the URL; the URL is only ever shown masked.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import time
 
 import aio_pika
 import aiormq.exceptions
@@ -18,6 +16,7 @@ from yarl import URL
 from common.config import BrokerConfig, mask_url
 from common.errors import ConfigError, Reason, TransientError
 from common.observability.logging import get_logger
+from common.retry import retry_until
 
 log = get_logger("rabbitmq")
 
@@ -61,9 +60,8 @@ async def open_connection(config: BrokerConfig, name: str) -> AbstractRobustConn
     url = connection_url(config)
     shown = mask_url(url)
     timeout_s = config.rabbitmq.connect_timeout_s
-    deadline = time.monotonic() + timeout_s
-    delay_s = 0.2
-    while True:
+
+    async def attempt() -> AbstractRobustConnection:
         try:
             return await aio_pika.connect_robust(
                 url,
@@ -74,12 +72,28 @@ async def open_connection(config: BrokerConfig, name: str) -> AbstractRobustConn
             )
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             raise ConfigError(f"RabbitMQ refused the credentials for {shown}") from exc
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-            error = scrub_secret(f"{type(exc).__name__}: {exc}", url)
-            if time.monotonic() + delay_s > deadline:
-                raise TransientError(
-                    f"RabbitMQ at {shown} is unreachable: {error}", Reason.BROKER
-                ) from exc
-            log.warning("broker unreachable; retrying", url=shown, error=error)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 2.0)
+
+    def retrying(exc: BaseException, wait_s: float, left_s: float) -> None:
+        log.warning("broker unreachable; retrying", url=shown, error=_error_text(exc, url))
+
+    try:
+        return await retry_until(
+            attempt,
+            retry_on=_UNREACHABLE,
+            stop_on=(ConfigError,),
+            give_up_after_s=timeout_s,
+            first_delay_s=0.2,
+            max_delay_s=2.0,
+            on_retry=retrying,
+        )
+    except _UNREACHABLE as exc:
+        raise TransientError(
+            f"RabbitMQ at {shown} is unreachable: {_error_text(exc, url)}", Reason.BROKER
+        ) from exc
+
+
+_UNREACHABLE = (TimeoutError, OSError, aiormq.exceptions.AMQPError)
+
+
+def _error_text(exc: BaseException, url: str) -> str:
+    return scrub_secret(f"{type(exc).__name__}: {exc}", url)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.brokers.base import LaneStats
@@ -12,7 +11,6 @@ from common.errors import Reason
 from common.observability.metrics import (
     STAGE_BUCKETS_S,
     Metrics,
-    lane_stats_from_depths,
     poll_queue_stats,
 )
 
@@ -114,41 +112,16 @@ def test_queue_gauges_from_lane_stats_and_from_depths() -> None:
     assert metrics.value("imgfleet_consumer_lag", lane="live") == 5  # waiting + unsettled
     assert metrics.value("imgfleet_queue_depth", lane="dlq") == 7
 
-    by_lane = {
-        s.lane: s.ready
-        for s in lane_stats_from_depths(
-            {
-                "fleet.live": 1,
-                "fleet.bulk": 20,
-                "fleet.delay.bulk.1000ms": 3,
-                "fleet.delay.live.4000ms": 2,
-                "fleet.dlq": 4,
-                "something.else": 9,
-            }
-        )
-    }
-    assert by_lane == {"live": 1, "bulk": 20, "retry": 5, "dlq": 4}
-    assert {s.lane: s.ready for s in lane_stats_from_depths({"live": 2, "bulk": 0})} == {
-        "live": 2,
-        "bulk": 0,
-    }
 
-
-class _DepthsOnly:
-    async def depths(self) -> dict[str, int]:
-        return {"p.bulk": 12, "p.live": 0}
-
-
-class _WithLaneStats(_DepthsOnly):
+class _LaneStats:
     async def lane_stats(self) -> list[LaneStats]:
         return [LaneStats("bulk", 99)]
 
 
-@pytest.mark.parametrize(("broker", "bulk"), [(_DepthsOnly(), 12), (_WithLaneStats(), 99)])
-def test_poll_prefers_lane_stats(broker: object, bulk: int) -> None:
+def test_poll_sets_the_queue_gauges_from_lane_stats() -> None:
     metrics = Metrics()
-    asyncio.run(poll_queue_stats(broker, metrics))
-    assert metrics.value("imgfleet_queue_depth", lane="bulk") == bulk
+    asyncio.run(poll_queue_stats(_LaneStats(), metrics))  # type: ignore[arg-type]
+    assert metrics.value("imgfleet_queue_depth", lane="bulk") == 99
 
 
 def test_index_shard_gauges_follow_the_generation() -> None:

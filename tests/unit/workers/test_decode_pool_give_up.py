@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import TransientError
-from common.observability.health import UnrecoverableError
+from common.errors import TransientError, UnrecoverableError
 from workers.decode.pool import DecodePool, _crash_for_test, _ready
 
 

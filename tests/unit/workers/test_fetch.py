@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from common.errors import ImgfleetError, PermanentError, Reason, TransientError
+from common.errors import JobFailure, PermanentError, Reason, TransientError
 from workers.fetch.fetcher import Fetcher, FetchResult, redact_url
 
 IMAGE_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
@@ -131,8 +131,8 @@ def _fetch(url: str, **fetcher_kwargs: Any) -> FetchResult:
     return asyncio.run(go())
 
 
-def _fetch_error(url: str, **fetcher_kwargs: Any) -> ImgfleetError:
-    with pytest.raises(ImgfleetError) as info:
+def _fetch_error(url: str, **fetcher_kwargs: Any) -> JobFailure:
+    with pytest.raises(JobFailure) as info:
         _fetch(url, **fetcher_kwargs)
     return info.value
 
@@ -164,7 +164,7 @@ def test_single_redirect_is_followed(base_url: str) -> None:
     ],
 )
 def test_status_codes_are_classified(
-    base_url: str, route: str, error_type: type[ImgfleetError], reason: Reason
+    base_url: str, route: str, error_type: type[JobFailure], reason: Reason
 ) -> None:
     error = _fetch_error(f"{base_url}{route}")
     assert type(error) is error_type
@@ -252,7 +252,7 @@ def test_failures_do_not_leak_pooled_connections(base_url: str) -> None:
             allow_networks=LOOPBACK,
         ) as fetcher:
             for route in ["/chunked-big", "/huge-length", "/missing", "/busy", "/truncated"]:
-                with pytest.raises(ImgfleetError):
+                with pytest.raises(JobFailure):
                     await fetcher.fetch(f"{base_url}{route}")
             for _ in range(5):
                 result = await fetcher.fetch(f"{base_url}/image.png")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from common.errors import ImgfleetError, Reason
+from common.errors import JobFailure, Reason
 from tests.conftest import s3_client
 from workers.fetch.fetcher import Fetcher, FetchResult
 from workers.fetch.s3 import S3Fetcher, parse_s3_url
@@ -64,7 +64,7 @@ def test_conditional_get_is_not_modified(endpoint: str) -> None:
     ],
 )
 def test_failures_are_classified(endpoint: str, url: str, reason: Reason, transient: bool) -> None:
-    with pytest.raises(ImgfleetError) as info:
+    with pytest.raises(JobFailure) as info:
         fetch(s3(endpoint, max_bytes=4096), url)
     assert info.value.reason == reason and info.value.transient == transient
     assert "test" not in repr(s3(endpoint))  # keys never in the repr
@@ -77,7 +77,7 @@ def test_unreachable_endpoint_is_transient() -> None:
         secret_access_key="s",
         connect_timeout_s=0.5,
     )
-    with pytest.raises(ImgfleetError) as info:
+    with pytest.raises(JobFailure) as info:
         fetch(fetcher, f"s3://{BUCKET}/a.png")
     assert info.value.transient
 
@@ -85,6 +85,6 @@ def test_unreachable_endpoint_is_transient() -> None:
 def test_parse_s3_url() -> None:
     assert parse_s3_url("s3://b/k/x%2By.jpg") == ("b", "k/x+y.jpg")
     for bad in ("s3://bucket", "s3:///key", "http://b/k"):
-        with pytest.raises(ImgfleetError) as info:
+        with pytest.raises(JobFailure) as info:
             parse_s3_url(bad)
         assert info.value.reason == Reason.UNSUPPORTED_URL

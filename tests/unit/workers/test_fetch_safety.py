@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from common.errors import ImgfleetError, PermanentError, Reason, TransientError
+from common.errors import JobFailure, PermanentError, Reason, TransientError
 from imgfleet.demo.image_server import ImageServer
 from workers.fetch.fetcher import Fetcher, FetchResult
 from workers.fetch.url_guard import AddressPolicy, BlockedAddressError
@@ -40,8 +40,8 @@ def fetch(url: str, **kwargs: Any) -> FetchResult:
     return asyncio.run(go())
 
 
-def fetch_error(url: str, **kwargs: Any) -> ImgfleetError:
-    with pytest.raises(ImgfleetError) as info:
+def fetch_error(url: str, **kwargs: Any) -> JobFailure:
+    with pytest.raises(JobFailure) as info:
         fetch(url, **kwargs)
     return info.value
 

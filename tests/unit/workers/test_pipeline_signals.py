@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from common.brokers.local.broker import LocalBroker
-from common.errors import PermanentError, Reason, TransientError
-from common.observability.health import Health, UnrecoverableError
+from common.errors import PermanentError, Reason, TransientError, UnrecoverableError
+from common.observability.health import Health
 from common.observability.metrics import Metrics
 from common.schema import Job, Lane, Op
 from common.storage.base import LocalStorage
