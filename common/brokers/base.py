@@ -125,12 +125,7 @@ class Consumer(Connection, Protocol):
         ...
 
     async def dead_letter(
-        self,
-        delivery: Delivery,
-        reason: str,
-        error: str,
-        attempts: int,
-        job: Job | None,
+        self, delivery: Delivery, reason: str, error: str, attempts: int, job: Job | None
     ) -> None:
         """Durably record the failure with its reason, then drop the delivery."""
         ...

@@ -350,12 +350,7 @@ class KafkaBroker:
         self._settle([delivery], done=True)
 
     async def dead_letter(
-        self,
-        delivery: Delivery,
-        reason: str,
-        error: str,
-        attempts: int,
-        job: Job | None,
+        self, delivery: Delivery, reason: str, error: str, attempts: int, job: Job | None
     ) -> None:
         if not self._is_current(delivery):
             self._settle([delivery], done=False)

@@ -259,12 +259,7 @@ class LocalBroker:
         self._settled(deliveries)
 
     async def dead_letter(
-        self,
-        delivery: Delivery,
-        reason: str,
-        error: str,
-        attempts: int,
-        job: Job | None,
+        self, delivery: Delivery, reason: str, error: str, attempts: int, job: Job | None
     ) -> None:
         await self._run(
             _to_dlq,

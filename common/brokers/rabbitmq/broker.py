@@ -35,6 +35,7 @@ from aio_pika.abc import (
 )
 
 import common.brokers.rabbitmq.dlq as rabbitmq_dlq
+import common.brokers.rabbitmq.stats as rabbitmq_stats
 from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, SelectLetter
 from common.brokers.rabbitmq.connect import connection_url, open_connection
 from common.brokers.rabbitmq.ledger import (
@@ -491,12 +492,7 @@ class RabbitMQBroker:
         await self._publish_settlement(delivery, message)
 
     async def dead_letter(
-        self,
-        delivery: Delivery,
-        reason: str,
-        error: str,
-        attempts: int,
-        job: Job | None,
+        self, delivery: Delivery, reason: str, error: str, attempts: int, job: Job | None
     ) -> None:
         headers: dict[str, Any] = {
             "x-imgfleet-reason": reason,
@@ -542,14 +538,10 @@ class RabbitMQBroker:
 
     async def depths(self) -> dict[str, int]:
         """Ready messages per queue (messages, not jobs: one may carry many)."""
-        channel = self._require(self._admin_channel)
-        depths: dict[str, int] = {}
-        for name, _ in self.topology.all_queues():
-            # robust=False: a robust channel answers a repeated passive declare from its
-            # cache, with the count of the first one.
-            queue = await channel.declare_queue(name, passive=True, robust=False)
-            depths[name] = int(queue.declaration_result.message_count or 0)
-        return depths
+        counts = await rabbitmq_stats.queue_counts(
+            self._require(self._admin_channel), self.topology
+        )
+        return {name: ready for name, (ready, _) in counts.items()}
 
     async def pending(self) -> int:
         try:
@@ -593,7 +585,7 @@ class RabbitMQBroker:
     async def lane_stats(self) -> list[LaneStats]:
         channel = self._require(self._admin_channel)
         try:
-            return await rabbitmq_dlq.lane_stats(channel, self.topology)
+            return await rabbitmq_stats.lane_stats(channel, self.topology)
         except _SETTLE_ERRORS as exc:
             raise TransientError(f"RabbitMQ: reading queue figures: {exc}", Reason.BROKER) from exc
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,8 +28,8 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from common.brokers.base import ActOnLetters, DeadLetter, LaneStats, SelectLetter
-from common.brokers.rabbitmq.topology import LANES, Topology
+from common.brokers.base import ActOnLetters, DeadLetter, SelectLetter
+from common.brokers.rabbitmq.topology import Topology
 from common.errors import Reason, TransientError
 from common.identity import content_hash
 from common.observability.logging import get_logger
@@ -351,32 +351,3 @@ async def _settle_batch(batch: _Batch, act: ActOnLetters, settled_keys: set[str]
             Reason.BROKER,
         ) from exc
     return len(batch.letters)
-
-
-async def lane_stats(channel: AbstractRobustChannel, topology: Topology) -> list[LaneStats]:
-    """Ready messages and consumers per lane, from passive declares.
-
-    AMQP gives no unacked count (that needs the management API), so ``in_flight`` is None.
-    Work queues count messages (one may carry many jobs); delay queues and the DLQ hold
-    one job per message.
-    """
-    counts: dict[str, tuple[int, int]] = {}
-    for name, _ in topology.all_queues():
-        # robust=False: a robust channel answers a repeated passive declare from its
-        # cache, with the count of the first one.
-        queue = await channel.declare_queue(name, passive=True, robust=False)
-        result = queue.declaration_result
-        counts[name] = (int(result.message_count or 0), int(result.consumer_count or 0))
-    stats = []
-    for lane in LANES:
-        ready, consumers = counts[topology.work_queue(lane)]
-        stats.append(LaneStats(lane, ready, consumers=consumers, unit="messages"))
-    delay = [counts[name] for name in _delay_queues(topology)]
-    stats.append(LaneStats("retry", sum(n for n, _ in delay), consumers=0, unit="jobs"))
-    ready, consumers = counts[topology.dead_letter_queue]
-    stats.append(LaneStats("dlq", ready, consumers=consumers, unit="jobs"))
-    return stats
-
-
-def _delay_queues(topology: Topology) -> Sequence[str]:
-    return [topology.delay_queue(lane, ms) for lane in LANES for ms in topology.delay_steps_ms]
