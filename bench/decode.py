@@ -142,7 +142,8 @@ def one_core(
 def project_all_cores(mix: list[tuple[str, bytes]], processes: int) -> float:
     import asyncio
 
-    from workers.decode.pool import IN_FLIGHT_PER_PROCESS, DecodePool
+    from workers.decode.limits import IN_FLIGHT_PER_PROCESS
+    from workers.decode.pool import DecodePool
 
     with DecodePool(processes) as pool:
         asyncio.run(pool.warm_up())

@@ -87,8 +87,7 @@ def tight_loop(blobs: list[bytes], embedder: Any, batch: int, max_pixels: int) -
 
 
 async def pipeline_run(settings: Any, catalogue: Path, embedder: Any) -> tuple[int, float]:
-    from imgfleet.factories import make_broker
-    from imgfleet.wiring import run_worker
+    from imgfleet.factories import make_broker, run_worker
     from producers.nightly.upserts import publish_catalogue
 
     broker = make_broker(settings)
@@ -143,7 +142,7 @@ def gpu_section(pixels: np.ndarray, blobs: list[bytes], quick: bool) -> dict[str
 
     from common.errors import ImgfleetError
     from workers.embed.backends import EngineOptions
-    from workers.embed.embedder import Embedder
+    from workers.embed.embedder import ModelEmbedder
     from workers.embed.model import load_model
     from workers.embed.model_zoo import vit_b16
     from workers.embed.tensorrt import tensorrt_status
@@ -164,7 +163,7 @@ def gpu_section(pixels: np.ndarray, blobs: list[bytes], quick: bool) -> dict[str
         for variant, extra in variants:
             options = EngineOptions(max_batch=batch, engine_cache_dir=cache, **extra)
             try:
-                embedder = Embedder(loader(), device="cuda", options=options)
+                embedder = ModelEmbedder(loader(), device="cuda", options=options)
                 rate = model_only(embedder, pixels, batch, images)
             except (ImgfleetError, RuntimeError) as exc:
                 out[f"{model_name}_{variant}_error"] = str(exc)[:200]
@@ -204,8 +203,7 @@ def main() -> int:
     from common.observability.logging import configure_logging
     from imgfleet.demo.corpus import make_corpus
     from imgfleet.demo.run import demo_settings
-    from imgfleet.factories import decode_processes
-    from imgfleet.wiring import make_embedder
+    from imgfleet.factories import decode_processes, make_embedder
     from workers.decode.cpu import decode_image
 
     n_items = args.items or (800 if args.quick else 3000)

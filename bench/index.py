@@ -69,7 +69,7 @@ def write_segments(storage: Any, vectors: np.ndarray, n_shards: int) -> float:
 
 
 def recall(found: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
-    from index.params import recall_at_k
+    from index.evaluation import recall_at_k
 
     return recall_at_k(found[:, :k], exact[:, :k], k)
 
@@ -124,10 +124,10 @@ def main() -> int:
     import faiss
 
     from common.observability.logging import configure_logging
-    from common.storage.base import LocalStorage
+    from common.storage.local import LocalStorage
     from index.apply import Applier
-    from index.build import build_generation
     from index.params import IndexPolicy
+    from index.publish import build_generation
     from index.search import Searcher
     from index.segments import SegmentWriter, VectorRecord
 

@@ -96,8 +96,7 @@ def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:
 
 
 async def project_run(settings, catalogue: Path) -> tuple[int, float]:  # type: ignore[no-untyped-def]
-    from imgfleet.factories import make_broker
-    from imgfleet.wiring import run_worker
+    from imgfleet.factories import make_broker, run_worker
     from producers.nightly.upserts import publish_catalogue
 
     broker = make_broker(settings)
@@ -122,7 +121,7 @@ def main() -> int:
     from common.observability.logging import configure_logging
     from imgfleet.demo.corpus import make_corpus
     from imgfleet.demo.run import demo_settings
-    from imgfleet.wiring import make_embedder
+    from imgfleet.factories import make_embedder
 
     n_items = args.items or (250 if args.quick else 1000)
     configure_logging("console", os.environ.get("BENCH_LOG_LEVEL", "warning"))

@@ -90,7 +90,7 @@ def _prefix_file(source: Path, target: Path, rows: int) -> None:
 async def _project_child(catalogue: Path, workdir: Path) -> dict[str, Any]:
     from common.brokers.rabbitmq.broker import RabbitMQBroker
     from common.config import load_settings
-    from common.storage.base import LocalStorage
+    from common.storage.local import LocalStorage
     from producers.catalogue.reader import open_catalogue
     from producers.nightly.run import CatalogueRun, RunOptions
     from producers.nightly.run_record import RunRecord

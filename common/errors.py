@@ -75,6 +75,21 @@ class JobFailure(ImgfleetError):
         elif not isinstance(getattr(type(self), "reason", None), Reason):
             raise TypeError(f"{type(self).__name__} needs a reason: {message}")
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Failures cross process boundaries (the decode pool returns them pickled). The
+        # default rebuild calls __init__ with the message alone, which a required reason
+        # refuses; rebuild from the arguments and the attributes (reason included) instead.
+        return (_rebuild_failure, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_failure(
+    cls: type[JobFailure], args: tuple[object, ...], state: dict[str, object]
+) -> JobFailure:
+    failure = cls.__new__(cls, *args)
+    failure.args = args
+    failure.__dict__.update(state)
+    return failure
+
 
 class PermanentError(JobFailure):
     """Retrying cannot help: the job goes to the DLQ with this reason."""

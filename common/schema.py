@@ -43,6 +43,11 @@ class FailureRecord(BaseModel):
 
 
 MAX_HISTORY = 20  # a job requeued more often keeps its newest failures
+# A job's field limits. Producers check rows and requests against them first, so a bad row
+# or change is rejected with its reason rather than failing when its jobs are built.
+MAX_ITEM_ID_CHARS = 512
+MAX_IMAGE_KEY_CHARS = 512
+MAX_URL_CHARS = 8192
 
 
 class Job(BaseModel):
@@ -51,10 +56,10 @@ class Job(BaseModel):
     schema_version: int = SCHEMA_VERSION
     job_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     run_id: str = "adhoc"
-    item_id: str = Field(min_length=1, max_length=512)
-    image_key: str = Field(default="0", min_length=1, max_length=512)
+    item_id: str = Field(min_length=1, max_length=MAX_ITEM_ID_CHARS)
+    image_key: str = Field(default="0", min_length=1, max_length=MAX_IMAGE_KEY_CHARS)
     op: Op = Op.UPSERT
-    url: str | None = Field(default=None, max_length=8192)
+    url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
     version: int = Field(default=0, ge=0)
     attempt: int = Field(default=0, ge=0)
     lane: Lane = Lane.BULK

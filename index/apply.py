@@ -16,13 +16,16 @@ generation); their count is reported.
 
 Compaction: when a shard's delta table passes ``compact_delta_fraction`` of its base, the
 two are merged into a new base. Retraining is per generation, because the IVF shards of a
-generation share one coarse quantizer (``index.params``): when live adds and removes since
+generation share one coarse quantizer (``index.training``): when live adds and removes since
 training, summed over the shards, pass ``retrain_fraction`` of the generation's vectors,
 every shard is rebuilt from its rows (base + delta) with a freshly trained shared template
 and a re-tuned nprobe, as new revisions published by the same manifest write. Hash routing
 spreads changes evenly, so shards would cross a per-shard threshold together anyway.
 Adds between retrains go through each shard's copy of the shared quantizer, so they land
 in the same lists in every shard.
+
+Loaded shards are kept between cycles in the revision-aware cache of ``index.reader``;
+a shard leaves it while a cycle changes it and returns once that change is published.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import faiss
@@ -40,35 +44,36 @@ from common.observability.health import Health
 from common.observability.logging import get_logger
 from common.observability.metrics import Metrics, default_metrics
 from common.storage.base import Storage
-from index.build import (
-    DEFAULT_GRACE_S,
-    IndexBuildError,
-    ManifestConflictError,
-    RecordFilter,
-    nightly_runs,
-    resolve_rows,
-)
+from index.faiss_io import index_bytes
 from index.manifest import (
+    CAS_ATTEMPTS,
+    CAS_RETRY_S,
     GenerationInfo,
+    ManifestConflictError,
     ShardInfo,
     load_versioned,
     shard_delta_key,
     shard_index_key,
+    shard_items_key,
+    shard_vectors_key,
     with_updated_generation,
     write_manifest,
 )
-from index.params import IndexPolicy, set_nprobe
+from index.params import IndexPolicy
+from index.reader import ShardCache, ShardTables, open_index, read_tables
+from index.records import DEFAULT_GRACE_S, IndexBuildError, RecordFilter, resolve_rows
 from index.routing import shards_for
+from index.runs import nightly_runs
 from index.segments import SegmentData, list_segments, read_segment, segment_time_ns
 from index.shardfiles import (
     ShardRows,
     empty_rows,
     encode_table,
+    encode_vectors,
     merge_rows,
     read_base,
-    read_delta,
 )
-from index.shardset import ShardSetBuilder, index_bytes, live_vectors
+from index.shardset import ShardSetBuilder, live_vectors
 
 
 @dataclass
@@ -101,19 +106,17 @@ class ApplyReport:
         }
 
 
-@dataclass
-class _ShardState:
-    info: ShardInfo
+@dataclass(frozen=True)
+class _ShardState(ShardTables):
+    """A shard as live apply holds it: its index (changed in place) and its full rows."""
+
     index: faiss.Index
-    base: ShardRows
-    delta: ShardRows
 
 
-def load_index(storage: Storage, key: str) -> faiss.Index:
-    local = storage.local_path(key)
-    if local is not None and local.is_file():
-        return faiss.read_index(str(local))
-    return faiss.deserialize_index(np.frombuffer(storage.get(key), dtype=np.uint8))
+def _load_state(storage: Storage, gen: GenerationInfo, info: ShardInfo) -> _ShardState:
+    tables = read_tables(storage, gen, info, vectors=True)
+    index = open_index(storage, info)
+    return _ShardState(info=info, base=tables.base, delta=tables.delta, index=index)
 
 
 def remove_ids(index: faiss.Index, ids: np.ndarray) -> int:
@@ -156,7 +159,7 @@ class Applier:
         self.log = log or get_logger("index.apply")
         self.metrics = metrics or default_metrics()
         self.health = health
-        self._cache: dict[tuple[int, int], _ShardState] = {}
+        self._cache: ShardCache[_ShardState] = ShardCache(partial(_load_state, storage))
 
     # --- public ---------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class Applier:
 
     def _apply_once(self) -> ApplyReport:
         started_s = time.perf_counter()
-        for _ in range(20):
+        for _ in range(CAS_ATTEMPTS):
             versioned = load_versioned(self.storage)
             if versioned.manifest is None:
                 return ApplyReport()
@@ -208,9 +211,9 @@ class Applier:
                 self.log.info("segments_applied", **report.as_dict())
                 return report
             # Someone else published first: what we changed in memory was not published.
-            self._forget(gen.generation)
+            self._cache.forget(gen.generation)
             self.log.info("manifest_conflict_retry", generation=gen.generation)
-            time.sleep(0.05)
+            time.sleep(CAS_RETRY_S)
         raise ManifestConflictError("could not apply: the manifest kept changing under us")
 
     def catch_up(self, info: GenerationInfo, rounds: int = 3) -> GenerationInfo:
@@ -222,7 +225,7 @@ class Applier:
                 break
             info, report = self._apply(info, pending, listing_ns)
             self.log.info("caught_up", **report.as_dict())
-        self._forget(info.generation)
+        self._cache.forget(info.generation)
         return info
 
     def watch(self, interval_s: float, stop: threading.Event | None = None) -> None:
@@ -237,25 +240,6 @@ class Applier:
             stop.wait(interval_s)
 
     # --- one cycle ------------------------------------------------------------------
-
-    def _forget(self, generation: int) -> None:
-        for key in [k for k in self._cache if k[0] == generation]:
-            del self._cache[key]
-
-    def _state(self, gen: GenerationInfo, shard: int) -> _ShardState:
-        info = gen.shards[shard]
-        cached = self._cache.pop((gen.generation, shard), None)
-        if cached is not None and cached.info == info:
-            return cached
-        index = load_index(self.storage, info.index_key)
-        base = read_base(self.storage, info.items_key, info.vectors_key, gen.dim, load_vectors=True)
-        delta = (
-            read_delta(self.storage, info.delta_key, gen.dim)
-            if info.delta_key
-            else empty_rows(gen.dim)
-        )
-        set_nprobe(index, int(info.params.get("nprobe", 1)))
-        return _ShardState(info=info, index=index, base=base, delta=delta)
 
     def _apply(
         self, gen: GenerationInfo, pending: list[str], listing_ns: int
@@ -284,7 +268,7 @@ class Applier:
                 if dim is not None and dim != gen.dim:
                     raise IndexBuildError(f"segments have dim {dim}, generation has {gen.dim}")
                 states[shard], changed[shard] = self._apply_shard(
-                    self._state(gen, shard), batch, report
+                    self._cache.take(gen, shard), batch, report
                 )
             if self._retrain_due(gen, states):
                 states, summary = self._retrain(gen, states)
@@ -296,10 +280,10 @@ class Applier:
             for shard, state in states.items():
                 shards[shard] = state.info
         except BaseException:
-            self._forget(gen.generation)
+            self._cache.forget(gen.generation)
             raise
-        for shard, state in states.items():
-            self._cache[(gen.generation, shard)] = state
+        for state in states.values():
+            self._cache.put(gen.generation, state)
 
         through_ns = gen.applied_through_ns
         if not truncated:
@@ -385,7 +369,7 @@ class Applier:
             self.storage, gen.generation, self.policy, log=self.log, keep_indexes=True
         )
         for shard_info in gen.shards:
-            state = states.get(shard_info.shard) or self._state(gen, shard_info.shard)
+            state = states.get(shard_info.shard) or self._cache.take(gen, shard_info.shard)
             builder.add_rows(
                 shard_info.shard,
                 merge_rows(state.base, state.delta),
@@ -460,9 +444,6 @@ class Applier:
     def _write_base(
         self, gen: GenerationInfo, shard: int, rows: ShardRows, revision: int, tag: str
     ) -> dict[str, Any]:
-        from index.manifest import shard_items_key, shard_vectors_key
-        from index.shardfiles import encode_vectors
-
         items_key = shard_items_key(gen.generation, shard, revision, tag)
         vectors_key = shard_vectors_key(gen.generation, shard, revision, tag)
         self.storage.put(vectors_key, encode_vectors(np.asarray(rows.vectors, np.float16)))

@@ -1,4 +1,4 @@
-"""Operations on published generations: status, rollback, prune, recall evaluation.
+"""Operations on published generations: status, rollback, prune.
 
 Rollback flips ``current_generation`` to a kept older generation (compare-and-swap, like
 every manifest write); live apply then keeps that generation current with CMS changes,
@@ -12,54 +12,48 @@ every manifest entry belong to a build in progress and are never touched; within
 generation only revisions older than the shard's current one are removed, so an apply
 writing the next revision is safe. With ``segments=True`` it also deletes segments that
 no kept generation can need: older than every kept generation's run.
+
+Recall evaluation of a published generation is ``index.evaluation``.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import faiss
-import numpy as np
-
+from common.errors import ExitCode, OperatorError
 from common.observability.logging import get_logger
 from common.storage.base import Storage
-from index.build import ManifestConflictError
 from index.manifest import (
     GenerationInfo,
     Manifest,
     key_revision,
     load_versioned,
-    write_manifest,
+    update_manifest,
 )
-from index.params import recall_at_k
-from index.routing import shards_for
 from index.runs import read_run
-from index.search import Searcher
 from index.segments import list_segments, segment_time_ns
-from index.shardfiles import merge_rows, read_base, read_delta
 
 GENERATIONS_PREFIX = "generations/"
 
 
-class GenerationError(ValueError):
-    pass
+class GenerationError(OperatorError):
+    """No generation is published, or the one asked for is not kept."""
+
+    exit_code = ExitCode.FAILED
 
 
-def _update_manifest(storage: Storage, change: Any) -> Manifest:
+def _update_manifest(storage: Storage, change: Callable[[Manifest], Manifest]) -> Manifest:
     """Apply ``change(manifest) -> manifest`` with compare-and-swap, retried on conflict."""
-    for _ in range(20):
-        versioned = load_versioned(storage)
-        if versioned.manifest is None:
+
+    def published(manifest: Manifest | None) -> Manifest:
+        if manifest is None:
             raise GenerationError("no index generation has been published yet")
-        updated: Manifest = change(versioned.manifest)
-        if updated == versioned.manifest:
-            return updated
-        if write_manifest(storage, updated, versioned.token):
-            return updated
-        time.sleep(0.05)
-    raise ManifestConflictError("the manifest kept changing under us")
+        return change(manifest)
+
+    return update_manifest(storage, published)
 
 
 def status(storage: Storage) -> dict[str, Any] | None:
@@ -242,87 +236,3 @@ def _unneeded_segments(storage: Storage, manifest: Manifest) -> list[str]:
         floors.append(min(read_run(storage, g.run_id).earliest_segment_ns, g.applied_through_ns))
     floor_ns = min(floors)
     return [k for k in list_segments(storage) if segment_time_ns(k) < floor_ns]
-
-
-def evaluate_generation(
-    storage: Storage,
-    *,
-    generation: int | None = None,
-    k: int = 10,
-    queries: int = 500,
-    nprobe: int | None = None,
-    seed: int = 7,
-    block_rows: int = 262_144,
-) -> dict[str, Any]:
-    """recall@k of the whole generation (fan-out and merge included) against exact search.
-
-    Queries are a sample of the generation's own live vectors; each query's own image is
-    left out of both answers. Exact search runs block by block over the float16 vectors
-    (memory-mapped), so memory stays at one block.
-    """
-    searcher = Searcher(storage, generation=generation, nprobe=nprobe)
-    info = searcher.info
-    if info is None:
-        raise GenerationError("no index generation has been published yet")
-    ids = searcher.image_ids()
-    if ids.shape[0] < 2:
-        return {"generation": info.generation, "recall_at_k": None, "k": k, "queries": 0}
-    rng = np.random.default_rng(seed)
-    query_ids = np.sort(rng.choice(ids, min(queries, ids.shape[0]), replace=False))
-    tables = []
-    for s in info.shards:
-        rows = read_base(storage, s.items_key, s.vectors_key, info.dim, load_vectors=True)
-        if s.delta_key:
-            rows = merge_rows(rows, read_delta(storage, s.delta_key, info.dim))
-        tables.append(rows)
-    query_vectors = np.zeros((query_ids.shape[0], info.dim), np.float32)
-    shard_of = shards_for(query_ids, info.n_shards)
-    for row, (image_id, shard) in enumerate(zip(query_ids, shard_of, strict=True)):
-        table = tables[int(shard)]
-        query_vectors[row] = table.vectors[table.row_of(int(image_id))]
-    faiss.normalize_L2(query_vectors)
-
-    best_scores = np.full((query_ids.shape[0], k + 1), -np.inf, np.float32)
-    best_ids = np.full((query_ids.shape[0], k + 1), -1, np.int64)
-    started_s = time.perf_counter()
-    for table in tables:
-        live = np.nonzero(~table.tombstones)[0]
-        for start in range(0, live.shape[0], block_rows):
-            block_idx = live[start : start + block_rows]
-            block = np.asarray(table.vectors[block_idx], np.float32)
-            faiss.normalize_L2(block)
-            scores, found = faiss.knn(
-                query_vectors,
-                block,
-                min(k + 1, block_idx.shape[0]),
-                metric=faiss.METRIC_INNER_PRODUCT,
-            )
-            found_ids = table.image_ids[block_idx][found]
-            all_scores = np.concatenate([best_scores, scores], axis=1)
-            all_ids = np.concatenate([best_ids, found_ids], axis=1)
-            order = np.argsort(-all_scores, axis=1)[:, : k + 1]
-            best_scores = np.take_along_axis(all_scores, order, 1)
-            best_ids = np.take_along_axis(all_ids, order, 1)
-    exact_s = time.perf_counter() - started_s
-    started_s = time.perf_counter()
-    _, approx = searcher.search_ids(query_vectors, k + 1)
-    approx_s = time.perf_counter() - started_s
-
-    def without_self(found: np.ndarray) -> np.ndarray:
-        out = np.full((found.shape[0], k), -1, np.int64)
-        for row in range(found.shape[0]):
-            kept = found[row][found[row] != query_ids[row]][:k]
-            out[row, : kept.shape[0]] = kept
-        return out
-
-    recall = recall_at_k(without_self(approx), without_self(best_ids), k)
-    return {
-        "generation": info.generation,
-        "k": k,
-        "queries": int(query_ids.shape[0]),
-        "recall_at_k": round(recall, 4),
-        "exact_s": round(exact_s, 3),
-        "approx_s": round(approx_s, 3),
-        "vectors": int(ids.shape[0]),
-        "shard_recall_at_10": [s.recall_at_10 for s in info.shards],
-    }

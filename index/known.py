@@ -9,7 +9,9 @@ instead of decoding and embedding again.
 Memory: per shard, sorted int64 ids plus byte-string columns; vectors stay in a
 memory-mapped float16 file (page cache, not process memory). Shards load on first use.
 Reloads are cheap: at most every ``check_interval_s`` the manifest is read, and only a
-changed shard (new revision) is reloaded.
+changed shard (new revision) is reloaded (``index.reader``).
+
+Read path: imports nothing of build, apply or publish.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from common.storage.base import ObjectNotFoundError, Storage
-from index.manifest import GenerationInfo, ShardInfo, load_manifest
+from index.manifest import GenerationInfo, load_manifest
+from index.reader import ShardCache, ShardTables, read_tables
 from index.routing import shard_for
-from index.shardfiles import ShardRows, read_base, read_delta, text
+from index.shardfiles import text
 
 
 @dataclass(frozen=True)
@@ -39,13 +43,6 @@ class KnownImage:
     vector: np.ndarray  # float16 [d], exactly as the worker wrote it
 
 
-@dataclass(frozen=True)
-class _LoadedShard:
-    info: ShardInfo
-    base: ShardRows
-    delta: ShardRows | None
-
-
 class KnownImages:
     """Thread-safe lookups against the manifest's current generation."""
 
@@ -58,11 +55,12 @@ class KnownImages:
     ) -> None:
         self._storage = storage
         self._check_interval_s = check_interval_s
-        self._cache_dir = cache_dir
         self._lock = threading.Lock()
         self._gen: GenerationInfo | None = None
         self._serial: int | None = None
-        self._shards: dict[int, _LoadedShard] = {}
+        self._shards: ShardCache[ShardTables] = ShardCache(
+            partial(read_tables, storage, vectors=True, cache_dir=cache_dir)
+        )
         self._checked_at_s = float("-inf")
 
     @property
@@ -80,43 +78,23 @@ class KnownImages:
             manifest = load_manifest(self._storage)
             if manifest is None:
                 changed = self._gen is not None
-                self._gen, self._serial, self._shards = None, None, {}
+                self._gen, self._serial = None, None
+                self._shards.clear()
                 return changed
             if manifest.serial == self._serial:
                 return False
             gen = manifest.current()
-            if self._gen is None or gen.generation != self._gen.generation:
-                self._shards = {}
-            else:
-                # Same generation: keep shards whose revision did not move.
-                self._shards = {k: s for k, s in self._shards.items() if s.info == gen.shards[k]}
+            # Same generation: keep shards whose revision did not move; else none.
+            self._shards.retain(gen)
             self._gen, self._serial = gen, manifest.serial
             return True
 
-    def _shard(self, gen: GenerationInfo, shard: int) -> _LoadedShard:
-        loaded = self._shards.get(shard)
-        if loaded is not None:
-            return loaded
-        info = gen.shards[shard]
-        base = read_base(
-            self._storage,
-            info.items_key,
-            info.vectors_key,
-            gen.dim,
-            load_vectors=True,
-            cache_dir=self._cache_dir,
-        )
-        delta = read_delta(self._storage, info.delta_key, gen.dim) if info.delta_key else None
-        loaded = _LoadedShard(info=info, base=base, delta=delta)
-        self._shards[shard] = loaded
-        return loaded
-
-    def _loaded_for(self, image_id: int) -> tuple[_LoadedShard | None, GenerationInfo | None]:
+    def _loaded_for(self, image_id: int) -> tuple[ShardTables | None, GenerationInfo | None]:
         with self._lock:
             gen = self._gen
             if gen is None:
                 return None, None
-            return self._shard(gen, shard_for(image_id, gen.n_shards)), gen
+            return self._shards.get(gen, shard_for(image_id, gen.n_shards)), gen
 
     def lookup(self, image_id: int) -> KnownImage | None:
         """The live record of ``image_id``, or None (unknown, deleted, or no index yet)."""
@@ -129,22 +107,19 @@ class KnownImages:
             loaded, gen = self._loaded_for(image_id)
         if loaded is None or gen is None:
             return None
-        for rows in (loaded.delta, loaded.base):
-            if rows is None:
-                continue
-            row = rows.row_of(image_id)
-            if row is None:
-                continue
-            if bool(rows.tombstones[row]) or rows.vectors.shape[0] == 0:
-                return None
-            return KnownImage(
-                image_id=image_id,
-                item_id=text(rows.item_ids[row]),
-                version=int(rows.versions[row]),
-                content_hash=text(rows.content_hashes[row]),
-                etag=text(rows.etags[row]),
-                last_modified=text(rows.last_modifieds[row]),
-                model_id=gen.model_id or "",
-                vector=np.array(rows.vectors[row], dtype=np.float16),
-            )
-        return None
+        found = loaded.current_row(image_id)
+        if found is None:
+            return None
+        rows, row = found
+        if bool(rows.tombstones[row]) or rows.vectors.shape[0] == 0:
+            return None
+        return KnownImage(
+            image_id=image_id,
+            item_id=text(rows.item_ids[row]),
+            version=int(rows.versions[row]),
+            content_hash=text(rows.content_hashes[row]),
+            etag=text(rows.etags[row]),
+            last_modified=text(rows.last_modifieds[row]),
+            model_id=gen.model_id or "",
+            vector=np.array(rows.vectors[row], dtype=np.float16),
+        )

@@ -13,17 +13,30 @@ above it (segment keys start with their flush time, see ``index.segments``).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.errors import ExitCode, OperatorError
 from common.storage.base import Storage
 from common.storage.cas import read_versioned, write_if_unchanged
 from index.segments import segment_time_ns
 
 MANIFEST_KEY = "manifest.json"
 MANIFEST_FORMAT_VERSION = 2
+# A lost compare-and-swap is re-read and redone this many times, this far apart: writers
+# change small parts of the manifest, so a conflict clears on the next attempt.
+CAS_ATTEMPTS = 20
+CAS_RETRY_S = 0.05
+
+
+class ManifestConflictError(OperatorError):
+    """Another writer moved the manifest on; the build may simply be run again."""
+
+    exit_code = ExitCode.FAILED
 
 
 def generation_prefix(generation: int) -> str:
@@ -198,6 +211,29 @@ def write_manifest(storage: Storage, manifest: Manifest, expected_token: str | N
     bumped = manifest.model_copy(update={"serial": manifest.serial + 1})
     data = bumped.model_dump_json(indent=1).encode("utf-8")
     return write_if_unchanged(storage, MANIFEST_KEY, data, expected_token)
+
+
+def update_manifest(
+    storage: Storage,
+    change: Callable[[Manifest | None], Manifest],
+    *,
+    conflict: str = "the manifest kept changing under us",
+) -> Manifest:
+    """Write ``change(manifest)`` by compare-and-swap, re-reading and redoing it on conflict.
+
+    ``change`` may raise to refuse (it sees ``None`` before the first publish). A change
+    that changes nothing is not written. ``conflict`` is the error's message when every
+    attempt lost the race.
+    """
+    for _ in range(CAS_ATTEMPTS):
+        versioned = load_versioned(storage)
+        updated = change(versioned.manifest)
+        if updated == versioned.manifest:
+            return updated
+        if write_manifest(storage, updated, versioned.token):
+            return updated
+        time.sleep(CAS_RETRY_S)
+    raise ManifestConflictError(conflict)
 
 
 def with_generation(previous: Manifest | None, info: GenerationInfo) -> Manifest:

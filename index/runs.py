@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from common.errors import PermanentError, Reason
+from common.errors import ExitCode, OperatorError
 from common.storage.base import Storage
 from index.segments import list_segments, read_segment, segment_time_ns
 
@@ -37,14 +37,16 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 RUN_CLOCK_SKEW_S = 600.0
 
 
-class RunNotFoundError(PermanentError):
-    reason = Reason.BAD_MESSAGE
+class RunNotFoundError(OperatorError):
+    """No run file for the id, or one that is not a valid run."""
+
+    exit_code = ExitCode.FAILED
 
 
-class RunStillPublishingError(PermanentError):
+class RunStillPublishingError(OperatorError):
     """``finalize`` of a run whose producer has not published every job yet."""
 
-    reason = Reason.INTERNAL
+    exit_code = ExitCode.FAILED
 
     def __init__(self, run: RunInfo) -> None:
         super().__init__(
@@ -53,21 +55,6 @@ class RunStillPublishingError(PermanentError):
             f"catalogue` to finish, or if it stopped, resume it with --resume {run.run_id}"
         )
         self.run = run
-
-
-class RunIncompleteError(PermanentError):
-    """``finalize`` without ``--force`` on a run with jobs not accounted for."""
-
-    reason = Reason.INTERNAL
-
-    def __init__(self, accounting: RunAccounting) -> None:
-        super().__init__(
-            f"run {accounting.run_id!r} is not complete: {accounting.missing_jobs} of "
-            f"{accounting.expected_jobs} jobs are not accounted for "
-            f"({accounting.indexed_jobs} indexed, {accounting.dead_lettered_jobs} "
-            "dead-lettered); finalise anyway with --force"
-        )
-        self.accounting = accounting
 
 
 def check_run_id(run_id: str) -> str:
@@ -158,12 +145,23 @@ def ensure_published(run: RunInfo) -> None:
         raise RunStillPublishingError(run)
 
 
-def list_runs(storage: Storage) -> list[RunInfo]:
-    runs = []
+def _run_ids(storage: Storage) -> list[str]:
+    """The id of every run file (not the finalisations, not the keys under a run's folder)."""
+    ids = []
     for key in storage.list(RUNS_PREFIX):
         name = key[len(RUNS_PREFIX) :]
         if name.endswith(".json") and not name.endswith(".final.json") and "/" not in name:
-            runs.append(read_run(storage, name.removesuffix(".json")))
+            ids.append(name.removesuffix(".json"))
+    return ids
+
+
+def nightly_runs(storage: Storage) -> frozenset[str]:
+    """Ids of every nightly run: their records belong to the generation built from them."""
+    return frozenset(_run_ids(storage))
+
+
+def list_runs(storage: Storage) -> list[RunInfo]:
+    runs = [read_run(storage, run_id) for run_id in _run_ids(storage)]
     return sorted(runs, key=lambda r: r.started_at_s)
 
 

@@ -1,7 +1,7 @@
 """Search one generation: fan out over its shards, merge top-k, collapse images into items.
 
 IVF shards that share a coarse quantizer (every IVF shard of a generation built here, see
-``index.params``; recognised by the fingerprint of the centroids actually loaded) are
+``index.training``; recognised by the fingerprint of the centroids actually loaded) are
 searched as one index would be: the query batch is assigned to its ``nprobe`` lists once,
 then each shard scans only its own part of those lists (``search_preassigned``). The scans
 run side by side in a small pool whose threads use one OpenMP thread each, over shards
@@ -12,7 +12,9 @@ are searched whole.
 A loaded generation is an immutable snapshot held in one attribute; ``reload_if_changed``
 builds the new snapshot completely before swapping it in, so a search running on another
 thread sees either the old state or the new one, never a mix. A reload after live apply
-only reloads the shards whose revision moved.
+only reloads the shards whose revision moved (``index.reader``).
+
+Read path: imports nothing of build, apply or publish.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import faiss
 import numpy as np
 
 from common.storage.base import Storage
-from index.apply import load_index
+from index.faiss_io import coarse_id, set_nprobe
 from index.manifest import GenerationInfo, ShardInfo, load_manifest
-from index.params import coarse_id, set_nprobe
+from index.reader import ShardCache, ShardTables, open_index, read_tables
 from index.routing import shard_for
-from index.shardfiles import ShardRows, empty_rows, read_base, read_delta, text
+from index.shardfiles import text
 
 # Fetch this many candidates per wanted hit before collapsing; doubled until enough distinct
 # items survive or the shard runs out, so collapse never returns fewer hits than exist.
@@ -62,11 +65,10 @@ class Hit:
 
 
 @dataclass(frozen=True)
-class _Shard:
-    info: ShardInfo
+class _Shard(ShardTables):
+    """A shard as a searcher holds it: its index, and its tables without vectors."""
+
     index: faiss.Index
-    base: ShardRows  # without vectors
-    delta: ShardRows
     coarse: str | None  # fingerprint of the IVF coarse centroids; None for Flat
 
     def _locate(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,11 +88,8 @@ class _Shard:
         return out
 
     def is_live(self, image_id: int) -> bool:
-        for rows in (self.delta, self.base):
-            row = rows.row_of(image_id)
-            if row is not None:
-                return not bool(rows.tombstones[row])
-        return False
+        found = self.current_row(image_id)
+        return found is not None and not bool(found[0].tombstones[found[1]])
 
     def live_ids(self) -> np.ndarray:
         _, in_delta = self.delta.find(self.base.image_ids)
@@ -119,12 +118,10 @@ class _Generation:
 
 
 def _load_shard(storage: Storage, gen: GenerationInfo, info: ShardInfo) -> _Shard:
-    index = load_index(storage, info.index_key)
-    set_nprobe(index, int(info.params.get("nprobe", 1)))
-    base = read_base(storage, info.items_key, info.vectors_key, gen.dim, load_vectors=False)
-    delta = read_delta(storage, info.delta_key, gen.dim) if info.delta_key else empty_rows(0)
+    index = open_index(storage, info)
+    tables = read_tables(storage, gen, info, vectors=False)
     coarse = coarse_id(index) if isinstance(index, faiss.IndexIVF) else None
-    return _Shard(info=info, index=index, base=base, delta=delta, coarse=coarse)
+    return _Shard(info=info, base=tables.base, delta=tables.delta, index=index, coarse=coarse)
 
 
 class Searcher:
@@ -147,6 +144,7 @@ class Searcher:
         self._auto_reload_s = auto_reload_s
         self._nprobe = nprobe
         self._gen: _Generation | None = None
+        self._shards: ShardCache[_Shard] = ShardCache(partial(_load_shard, storage))
         self._checked_at_s = time.monotonic()
         self._reload_lock = threading.Lock()
         self._workers = max(faiss.omp_get_max_threads(), 1)
@@ -183,17 +181,11 @@ class Searcher:
             if old is not None and old.info == info:
                 self._gen = _Generation(info=info, serial=manifest.serial, shards=old.shards)
                 return False
-            reuse = {}
-            if old is not None and old.info.generation == info.generation:
-                reuse = {s.info.shard: s for s in old.shards}
-            shards = []
-            for shard_info in info.shards:
-                kept = reuse.get(shard_info.shard)
-                if kept is None or kept.info != shard_info:
-                    kept = _load_shard(self._storage, info, shard_info)
-                if self._nprobe:
-                    set_nprobe(kept.index, self._nprobe)
-                shards.append(kept)
+            shards = [self._shards.get(info, s.shard) for s in info.shards]
+            if self._nprobe:
+                for shard in shards:
+                    set_nprobe(shard.index, self._nprobe)
+            self._shards.retain(info)
             self._gen = _Generation(info=info, serial=manifest.serial, shards=shards)
             return True
 

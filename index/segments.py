@@ -97,10 +97,6 @@ class SegmentData:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
-    @property
-    def written_at_ns(self) -> int:
-        return segment_time_ns(self.key)
-
     def records(self) -> Iterator[VectorRecord]:
         for i in range(len(self)):
             yield VectorRecord(

@@ -16,13 +16,13 @@ unicode, which matters at millions of rows.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from common.files import replacing
 from common.storage.base import Storage
 from index.npz import pack_arrays, unpack_arrays
 
@@ -247,20 +247,10 @@ def open_vectors(storage: Storage, key: str, cache_dir: Path | None = None) -> n
     if local is not None and local.is_file():
         return np.load(local, mmap_mode="r", allow_pickle=False)
     directory = cache_dir or Path(tempfile.gettempdir()) / "imgfleet-vectors"
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / key.replace("/", "__")
     if not target.is_file():
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        try:
-            download = getattr(storage, "download_to", None)
-            if download is not None:
-                os.close(fd)
-                download(key, Path(tmp))
-            else:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(storage.get(key))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # fsync'd: a cached copy is trusted for as long as it exists, so a power cut must
+        # not leave a short one under its name.
+        with replacing(target) as tmp:
+            storage.download_to(key, tmp)
     return np.load(target, mmap_mode="r", allow_pickle=False)

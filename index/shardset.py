@@ -28,26 +28,22 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.errors import OperatorError
+from common.errors import ExitCode, OperatorError
 from common.observability.logging import get_logger
 from common.observability.progress import Progress
 from common.storage.base import Storage
+from index.evaluation import exact_top, merge_top, recall_at_k, without_self
+from index.faiss_io import index_bytes, set_nprobe
 from index.manifest import ShardInfo, shard_index_key, shard_items_key, shard_vectors_key
 from index.params import (
+    ID_BYTES,
     IndexPolicy,
     choose_shard_params,
     code_bytes_per_vector,
-    escalated_template,
-    exact_top,
-    merge_top,
     nprobe_candidates,
-    recall_at_k,
-    set_nprobe,
-    shard_index,
-    train_template,
-    without_self,
 )
 from index.shardfiles import ShardRows, encode_table, encode_vectors, read_base
+from index.training import escalated_template, shard_index, train_template
 
 _K = 10
 
@@ -55,9 +51,7 @@ _K = 10
 class ShardSetError(OperatorError):
     """A shard set cannot be trained or written as configured."""
 
-
-def index_bytes(index: faiss.Index) -> bytes:
-    return bytes(faiss.serialize_index(index).data)
+    exit_code = ExitCode.FAILED
 
 
 def live_vectors(rows: ShardRows) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +245,7 @@ class ShardSetBuilder:
 
     @staticmethod
     def _bytes(n: int, params: dict[str, Any], dim: int) -> int:
-        return n * (code_bytes_per_vector(params, dim) + 8) + int(params["nlist"]) * dim * 4
+        return n * (code_bytes_per_vector(params, dim) + ID_BYTES) + int(params["nlist"]) * dim * 4
 
     def _fill(
         self,

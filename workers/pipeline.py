@@ -22,11 +22,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from common.brokers.base import Delivery, WorkerBroker
+from common.config import BrokerConfig, WorkerConfig
 from common.errors import (
     BadMessageError,
     ConfigError,
@@ -45,42 +46,35 @@ from index.routing import shard_for
 from index.segments import SegmentWriter, VectorRecord
 from workers.ack_policy import classify, decide
 from workers.batcher import next_batch
+from workers.decode.limits import IN_FLIGHT_PER_PROCESS
+from workers.decode.types import Decoder
+from workers.embed.types import Embedder
+from workers.fetch.types import Fetcher
 from workers.fetch.unchanged import KnownLookup, UnchangedImages
 
-
-class FetcherLike(Protocol):
-    # Called with etag= / last_modified= only for images the index already holds, so a
-    # fetcher that never sees known images may take just the url.
-    async def fetch(
-        self, url: str, *, etag: str | None = None, last_modified: str | None = None
-    ) -> Any: ...
-
-
-class DecoderLike(Protocol):
-    async def decode(self, data: bytes) -> Any: ...
-
-
-class EmbedderLike(Protocol):
-    model_id: str
-
-    def embed(self, batch: np.ndarray) -> np.ndarray: ...
+# The configuration's defaults (common.config), so a pipeline built without settings (tests,
+# benchmarks) runs as an unconfigured worker would; the composition root maps the settings.
+_WORKER = WorkerConfig()
+_BROKER = BrokerConfig()
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    fetch_concurrency: int = 32
-    decode_concurrency: int = 4
-    max_batch: int = 32
-    max_wait_s: float = 0.05
-    segment_max_records: int = 512
-    segment_flush_interval_s: float = 2.0
-    stage_queue_size: int = 64
-    max_attempts: int = 5
-    retry_base_s: float = 1.0
-    retry_max_s: float = 300.0
-    shutdown_deadline_s: float = 30.0
-    index_recovered: bool = True  # truncated-but-recovered images: index, or dead-letter
-    consume_give_up_s: float = 300.0  # a consume stream failing this long: unrecoverable
+    fetch_concurrency: int = _WORKER.fetch_concurrency
+    decode_concurrency: int = IN_FLIGHT_PER_PROCESS  # one decode process kept busy
+    max_batch: int = _WORKER.max_batch
+    max_wait_s: float = _WORKER.max_wait_ms / 1000.0
+    segment_max_records: int = _WORKER.segment_max_records
+    segment_flush_interval_s: float = _WORKER.segment_flush_interval_s
+    stage_queue_size: int = _WORKER.stage_queue_size
+    max_attempts: int = _BROKER.max_attempts
+    retry_base_s: float = _BROKER.retry_base_s
+    retry_max_s: float = _BROKER.retry_max_s
+    shutdown_deadline_s: float = _WORKER.shutdown_deadline_s
+    # Truncated-but-recovered images: index, or dead-letter (worker.truncated_policy).
+    index_recovered: bool = _WORKER.truncated_policy == "index"
+    # A consume stream failing this long: unrecoverable (worker.broker_give_up_s).
+    consume_give_up_s: float = _WORKER.broker_give_up_s
 
 
 @dataclass
@@ -139,9 +133,9 @@ class Worker:
         self,
         broker: WorkerBroker,
         writer: SegmentWriter,
-        fetcher: FetcherLike,
-        decoder: DecoderLike,
-        embedder: EmbedderLike,
+        fetcher: Fetcher,
+        decoder: Decoder,
+        embedder: Embedder,
         settings: PipelineSettings,
         *,
         worker_id: str = "worker",
@@ -194,14 +188,10 @@ class Worker:
             self._fatal = exc
             self.log.error(
                 "unrecoverable error; stopping",
-                component=getattr(exc, "component", "config"),
+                component=exc.component if isinstance(exc, UnrecoverableError) else "config",
                 error=str(exc),
             )
         self.request_stop("error")
-
-    @property
-    def fatal(self) -> UnrecoverableError | ConfigError | None:
-        return self._fatal
 
     def _watch_task(self, task: asyncio.Task[None], what: str, component: str) -> None:
         # A stage or the consumer ending with an exception would leave the worker alive
@@ -390,12 +380,12 @@ class Worker:
                             etag=known.etag or None,
                             last_modified=known.last_modified or None,
                         )
-                not_modified = bool(getattr(result, "not_modified", False))
+                not_modified = result.not_modified
                 if not_modified and known is None:
                     raise PermanentError("HTTP 304 to an unconditional request", Reason.HTTP_4XX)
                 item.content_hash = "" if not_modified else content_hash(result.data)
-                item.etag = getattr(result, "etag", None) or ""
-                item.last_modified = getattr(result, "last_modified", None) or ""
+                item.etag = result.etag or ""
+                item.last_modified = result.last_modified or ""
                 reuse = self.unchanged.reuse(
                     known,
                     not_modified=not_modified,
@@ -428,9 +418,7 @@ class Worker:
                 with self.metrics.time_stage("decode"):
                     result = await self.decoder.decode(item.data)
                 self.metrics.count_decode(
-                    getattr(result, "format", "") or "unknown",
-                    gpu=str(getattr(result, "path", "")).startswith("nvjpeg"),
-                    recovered=bool(result.recovered),
+                    result.format or "unknown", gpu=result.on_gpu, recovered=result.recovered
                 )
                 if result.recovered and not self.settings.index_recovered:
                     raise PermanentError(

@@ -1,4 +1,9 @@
-"""Prometheus metrics of the worker and index processes, on one registry per process.
+"""Prometheus metrics of every process, on one registry per process.
+
+Each process serves one group on its own registry through ``common.observability.ops_http``:
+``Metrics`` (workers and the index processes), ``ProducerMetrics`` (the catalogue
+producer) and ``IntakeMetrics`` (the CMS intake). The code that counts is handed its group;
+nothing counts on prometheus_client's global default registry.
 
 Every name below is part of the operations contract (dashboards, alerts and probes are
 written against them): add metrics, never rename one. Labels carry small, closed sets
@@ -15,6 +20,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
+from typing import Self
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -54,6 +60,8 @@ STAGE_BUCKETS_S: dict[str, tuple[float, ...]] = {
     "ack": (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 }
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# One CMS request's publish, from the first job sent to the last confirm.
+CMS_PUBLISH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FILL_RATIO_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 
 
@@ -101,11 +109,36 @@ class StageHistogram(Collector):
         yield HistogramMetricFamily(self.name, self.documentation, labels=["stage"])
 
 
-class Metrics:
-    """Every metric of the project, registered on ``registry`` (a fresh one by default)."""
+class MetricGroup:
+    """Metrics registered on ``registry`` (a fresh one by default), and their exposition:
+    what a process's ops listener serves on ``/metrics``."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else CollectorRegistry()
+
+    def with_process_collectors(self) -> Self:
+        """Add the process, platform and GC collectors: a served registry has them."""
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        return self
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (0 when the series does not exist); for tests and logs."""
+        found = self.registry.get_sample_value(name, labels)
+        return 0.0 if found is None else float(found)
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition for an HTTP scrape: (body, content type), by the Accept header."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+class Metrics(MetricGroup):
+    """The worker's and the index processes' metrics."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
         # -- worker: jobs --------------------------------------------------------------
         self.jobs_consumed = Counter(
             "imgfleet_jobs_consumed_total",
@@ -306,15 +339,81 @@ class Metrics:
         for shard, vectors in shard_vectors.items():
             self.index_shard_vectors.labels(shard=str(shard)).set(vectors)
 
-    def value(self, name: str, **labels: str) -> float:
-        """A sample's current value (0 when the series does not exist); for tests and logs."""
-        found = self.registry.get_sample_value(name, labels)
-        return 0.0 if found is None else float(found)
 
-    def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The exposition for an HTTP scrape: (body, content type), by the Accept header."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+class ProducerMetrics(MetricGroup):
+    """The catalogue producer's metrics (``imgfleet produce catalogue``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        self.rows = Counter(
+            "imgfleet_producer_rows_total",
+            "Catalogue rows read, by outcome (item or rejected).",
+            ["outcome"],
+            registry=r,
+        )
+        self.jobs_published = Counter(
+            "imgfleet_producer_jobs_published_total",
+            "Jobs confirmed by the broker, by op (upsert or delete).",
+            ["op"],
+            registry=r,
+        )
+        self.jobs_skipped = Counter(
+            "imgfleet_producer_jobs_skipped_total",
+            "Jobs not published, by reason (duplicate image, already_published before a resume).",
+            ["reason"],
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "imgfleet_producer_checkpoints_total",
+            "Resume points written by catalogue runs.",
+            registry=r,
+        )
+        self.run_info = Gauge(
+            "imgfleet_producer_run_info",
+            "1 for the catalogue run this process is publishing.",
+            ["run_id", "catalogue", "lane"],
+            registry=r,
+        )
+        self.publish_rate = Gauge(
+            "imgfleet_producer_publish_rate_jobs_per_s",
+            "Jobs confirmed per second, so far.",
+            registry=r,
+        )
+        self.fraction_done = Gauge(
+            "imgfleet_producer_fraction_done",
+            "Share of the catalogue read (0-1; -1: unknown).",
+            registry=r,
+        )
+        self.eta = Gauge(
+            "imgfleet_producer_eta_seconds", "Estimated seconds left (-1: unknown).", registry=r
+        )
+
+
+class IntakeMetrics(MetricGroup):
+    """The CMS intake's metrics (``imgfleet serve cms``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        r = self.registry
+        self.requests = Counter(
+            "imgfleet_cms_requests_total",
+            "CMS intake HTTP requests by response status",
+            ["status"],
+            registry=r,
+        )
+        self.changes = Counter(
+            "imgfleet_cms_changes_total",
+            "Item changes accepted (durable on the broker) by op",
+            ["op"],
+            registry=r,
+        )
+        self.publish_seconds = Histogram(
+            "imgfleet_cms_publish_seconds",
+            "Time to publish one request's jobs until the broker confirmed them all",
+            buckets=CMS_PUBLISH_BUCKETS_S,
+            registry=r,
+        )
 
 
 async def poll_queue_stats(broker: QueueInspector, metrics: Metrics) -> list[LaneStats]:
@@ -331,8 +430,5 @@ def default_metrics() -> Metrics:
     """The process's metrics: one registry with the process, platform and GC collectors."""
     global _default
     if _default is None:
-        metrics = Metrics()
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            metrics.registry.register(collector)
-        _default = metrics
+        _default = Metrics().with_process_collectors()
     return _default

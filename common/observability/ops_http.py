@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.files import write_atomic
 from common.observability.health import Health
 from common.observability.logging import get_logger
-from common.observability.metrics import Metrics
+from common.observability.metrics import MetricGroup
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    metrics: Metrics
+    metrics: MetricGroup
     health: Health
 
 
@@ -80,7 +80,7 @@ class OpsServer:
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: MetricGroup,
         health: Health,
         *,
         host: str = "0.0.0.0",
@@ -156,13 +156,7 @@ class OpsServer:
 
 def write_port_file(path: Path, port: int) -> None:
     """Write the bound port for a supervisor or a test to find (port 0 binds any)."""
-    # A reader polling for the file never sees it half written.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{port}\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Atomic, so a reader polling for the file never sees it half written. Not fsync'd: the
+    # port is only true while this process runs, so a copy that survives a crash is stale
+    # whether or not it reached the disk, and the fsyncs would cost 0.6 to 8 ms of startup.
+    write_atomic(path, f"{port}\n".encode(), fsync=False)

@@ -1,16 +1,20 @@
-"""Storage protocol and the local-directory adapter.
+"""The storage protocol every adapter implements (``local.py``, ``s3.py``).
 
-Every object is written whole or not at all: the local adapter writes a temp file in the
-same directory, fsyncs it and ``os.replace``s it into place, so a crash leaves either the
-old object or the new one, never half of one.
+Objects live under '/'-separated keys (no leading '/', no '..') and are written whole or
+not at all: a reader sees the old bytes or the new ones, never half of either.
+
+Besides plain reads and writes, ``Storage`` carries what the index and the CMS intake
+build on: a versioned read and a conditional write (the compare-and-swap of one small
+object, ``common.storage.cas``), and a streamed download into a file (shard vectors are
+too big to hold as bytes). Each adapter implements all of them; how it makes the
+conditional write atomic is its own business (``flock`` on a directory, ``If-Match`` on
+S3) and is described in its module.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from common.errors import PermanentError, Reason
 
@@ -19,85 +23,63 @@ class ObjectNotFoundError(PermanentError):
     reason = Reason.STORAGE
 
 
+class Versioned(NamedTuple):
+    """An object's bytes and the version token a conditional write compares.
+
+    Both are None when there is no such object. The token is opaque (an ETag, a digest):
+    compare it for equality, never parse it.
+    """
+
+    data: bytes | None
+    token: str | None
+
+
 @runtime_checkable
 class Storage(Protocol):
-    def put(self, key: str, data: bytes) -> None: ...
-    def get(self, key: str) -> bytes: ...
+    def put(self, key: str, data: bytes) -> None:
+        """Write the object whole, replacing any earlier one."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ``ObjectNotFoundError`` when there is none."""
+        ...
+
     def exists(self, key: str) -> bool: ...
-    def list(self, prefix: str = "") -> list[str]: ...
-    def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key that starts with ``prefix``, sorted."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; nothing happens when there is none."""
+        ...
+
     def local_path(self, key: str) -> Path | None:
         """A filesystem path for the key where one exists (lets FAISS mmap shards)."""
         ...
 
+    def download_to(self, key: str, path: Path) -> None:
+        """Write the object into the file at ``path``, streamed where the adapter can.
 
-def _check_key(key: str) -> str:
+        ``ObjectNotFoundError`` when there is none. Not atomic by itself: a caller that
+        must never expose a partial file downloads to ``common.files.replacing``'s path.
+        """
+        ...
+
+    def get_versioned(self, key: str) -> Versioned:
+        """The bytes with their version token; ``Versioned(None, None)`` when absent."""
+        ...
+
+    def put_if_match(self, key: str, data: bytes, expected_token: str | None) -> bool:
+        """Write if the object still has ``expected_token`` (None: only if it is absent).
+
+        False, with nothing written, when another writer got there first.
+        """
+        ...
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a valid storage key, else ``ValueError`` (same rule everywhere)."""
     if not key or key.startswith("/") or ".." in key.split("/"):
         raise ValueError(f"invalid storage key {key!r}")
     return key
-
-
-class LocalStorage:
-    """A directory tree; keys are '/'-separated relative paths."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def __repr__(self) -> str:
-        return f"LocalStorage({str(self.root)!r})"
-
-    def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
-
-    def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-    def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError as exc:
-            raise ObjectNotFoundError(f"no object {key!r} in {self.root}") from exc
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def list(self, prefix: str = "") -> list[str]:
-        base = self.root / prefix if prefix else self.root
-        search_root = base if base.is_dir() else base.parent
-        if not search_root.exists():
-            return []
-        keys = []
-        for path in search_root.rglob("*"):
-            if path.is_file() and not path.name.startswith(".tmp-"):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
-
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
-
-    def local_path(self, key: str) -> Path | None:
-        return self._path(key)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

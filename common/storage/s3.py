@@ -2,7 +2,9 @@
 
 Objects are written whole by one ``PutObject``: S3 never exposes a half-written object, so
 the protocol's "whole or not at all" holds without temp keys. Large objects (shard files)
-go through boto3's managed multipart upload, which also completes atomically.
+go through boto3's managed multipart upload, which also completes atomically, and
+``download_to`` streams through its managed download. The boto3 client comes from
+``common.storage.s3_client``, the one client factory.
 
 ``put_if_match`` is the compare-and-swap the index manifest needs: ``If-Match: <etag>`` to
 replace the version that was read, ``If-None-Match: *`` to create. S3 (since 2024), MinIO
@@ -21,13 +23,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.config import StorageConfig
 from common.errors import ConfigError, PermanentError, Reason, TransientError
-from common.storage.base import ObjectNotFoundError
+from common.storage.base import ObjectNotFoundError, Versioned, check_key
+from common.storage.cas import compare_then_put
+from common.storage.s3_client import make_s3_client, s3_client_from_config
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _MULTIPART_ABOVE_BYTES = 64 * 2**20
@@ -42,51 +44,8 @@ class StorageRejectedError(PermanentError):
     reason = Reason.STORAGE
 
 
-def _check_key(key: str) -> str:
-    if not key or key.startswith("/") or ".." in key.split("/"):
-        raise ValueError(f"invalid storage key {key!r}")
-    return key
-
-
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def make_s3_client(
-    *,
-    endpoint_url: str | None = None,
-    access_key_id: str | None = None,
-    secret_access_key: str | None = None,
-    region: str = "us-east-1",
-    max_attempts: int = 5,
-    timeout_s: float = 60.0,
-) -> Any:
-    """A boto3 S3 client with standard-mode retries and bounded connect/read timeouts."""
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url or None,
-        # None lets boto3 use its usual chain (env, profile, instance role).
-        aws_access_key_id=access_key_id or None,
-        aws_secret_access_key=secret_access_key or None,
-        region_name=region,
-        config=Config(
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            connect_timeout=timeout_s,
-            read_timeout=timeout_s,
-        ),
-    )
-
-
-def s3_client_from_config(config: StorageConfig) -> Any:
-    """The client ``[storage]`` describes: endpoint, credentials, retries, timeouts."""
-    return make_s3_client(
-        endpoint_url=config.s3_endpoint_url or None,
-        access_key_id=config.s3_access_key_id.get_secret_value() or None,
-        secret_access_key=config.s3_secret_access_key.get_secret_value() or None,
-        region=config.s3_region,
-        max_attempts=config.s3_max_attempts,
-        timeout_s=config.s3_timeout_s,
-    )
 
 
 class S3Storage:
@@ -114,11 +73,12 @@ class S3Storage:
         self.conditional_writes = conditional_writes
         self._client = client or make_s3_client(
             endpoint_url=self.endpoint_url,
+            region=region,
             access_key_id=access_key_id,
             secret_access_key=secret_access_key,
-            region=region,
+            connect_timeout_s=timeout_s,
+            read_timeout_s=timeout_s,
             max_attempts=max_attempts,
-            timeout_s=timeout_s,
         )
 
     @classmethod
@@ -137,7 +97,7 @@ class S3Storage:
         return f"S3Storage(s3://{self.bucket}/{self.prefix}{where})"
 
     def _key(self, key: str) -> str:
-        return self.prefix + _check_key(key)
+        return self.prefix + check_key(key)
 
     def _fail(self, exc: Exception, action: str, key: str) -> Exception:
         if isinstance(exc, ClientError):
@@ -202,8 +162,6 @@ class S3Storage:
     def local_path(self, key: str) -> Path | None:
         return None
 
-    # --- extras the index uses when present ---------------------------------------------
-
     def download_to(self, key: str, path: Path) -> None:
         """Stream an object into a file (shard vectors are too big to hold as bytes)."""
         try:
@@ -211,31 +169,27 @@ class S3Storage:
         except (ClientError, BotoCoreError) as exc:
             raise self._fail(exc, "download", key) from exc
 
-    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+    def get_versioned(self, key: str) -> Versioned:
         """(bytes, ETag), or (None, None) if there is no such object."""
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return response["Body"].read(), str(response["ETag"])
+            return Versioned(response["Body"].read(), str(response["ETag"]))
         except ClientError as exc:
             if _code(exc) in _NOT_FOUND_CODES:
-                return None, None
+                return Versioned(None, None)
             raise self._fail(exc, "get", key) from exc
         except BotoCoreError as exc:
             raise self._fail(exc, "get", key) from exc
 
-    def put_if_match(self, key: str, data: bytes, expected_etag: str | None) -> bool:
-        """Write if the object still has ``expected_etag`` (None: if it does not exist).
+    def put_if_match(self, key: str, data: bytes, expected_token: str | None) -> bool:
+        """Write if the object still has ETag ``expected_token`` (None: if it does not exist).
 
         False when another writer got there first.
         """
         if not self.conditional_writes:
             # Documented fallback: not atomic, safe only with one writer at a time.
-            _, etag = self.get_versioned(key)
-            if etag != expected_etag:
-                return False
-            self.put(key, data)
-            return True
-        condition = {"IfNoneMatch": "*"} if expected_etag is None else {"IfMatch": expected_etag}
+            return compare_then_put(self, key, data, expected_token)
+        condition = {"IfNoneMatch": "*"} if expected_token is None else {"IfMatch": expected_token}
         try:
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
             return True
@@ -243,7 +197,7 @@ class S3Storage:
             code = _code(exc)
             if code in _PRECONDITION_CODES:
                 return False
-            if expected_etag is not None and code in _NOT_FOUND_CODES:
+            if expected_token is not None and code in _NOT_FOUND_CODES:
                 return False  # deleted since we read it
             raise self._fail(exc, "conditional put", key) from exc
         except BotoCoreError as exc:

@@ -1,4 +1,4 @@
-"""`imgfleet index ...`, `imgfleet search` and `imgfleet serve search`.
+"""`imgfleet index build|apply|finalize|status|rollback|prune|eval`.
 
 The index package never talks to a broker or a model; what it needs from them (the
 dead letters of a run, an embedded query image) is fetched here, in the composition root.
@@ -9,24 +9,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
+from common.config import Settings
+from imgfleet.cli.output import print_json, print_result
+from imgfleet.cli.parser import subcommand
+from imgfleet.factories import (
+    configure_faiss_threads,
+    make_applier,
+    make_storage,
+    policy_from_config,
+    read_dead_letters,
+)
 
-from common.config import IndexConfig, Settings
 
-SubcommandFactory = Callable[..., argparse.ArgumentParser]
-
-
-def register(sub: Any, subcommand: SubcommandFactory) -> None:
-    """Add the `index`, `search` and `serve` commands to the top-level subparsers."""
+def register(sub: Any) -> None:
     index = subcommand(sub, "index", help="build, update and inspect the FAISS index")
     actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    build = subcommand(actions, "build", help="build a new generation and publish it")
+    build = subcommand(
+        actions, "build", handler=_cmd_build, help="build a new generation and publish it"
+    )
     build.add_argument("--run", dest="run_id", help="build from this nightly run's segments")
     build.add_argument(
         "--no-catch-up",
@@ -34,24 +37,44 @@ def register(sub: Any, subcommand: SubcommandFactory) -> None:
         help="publish without first applying segments that landed during the build",
     )
 
-    apply = subcommand(actions, "apply", help="apply new segments to the serving generation")
+    apply = subcommand(
+        actions,
+        "apply",
+        handler=_cmd_apply,
+        help="apply new segments to the serving generation",
+    )
     apply.add_argument("--watch", action="store_true", help="keep applying until interrupted")
     apply.add_argument("--interval-s", type=float, help="seconds between cycles with --watch")
 
     finalize = subcommand(
-        actions, "finalize", help="publish a nightly run once every job is accounted for"
+        actions,
+        "finalize",
+        handler=_cmd_finalize,
+        help="publish a nightly run once every job is accounted for",
     )
     finalize.add_argument("--run", dest="run_id", required=True)
     finalize.add_argument(
         "--force", action="store_true", help="finalise even with jobs not accounted for"
     )
 
-    subcommand(actions, "status", help="generations, shards, vector counts, parameters, recall")
+    status = subcommand(
+        actions,
+        "status",
+        handler=_cmd_status,
+        help="generations, shards, vector counts, parameters, recall",
+    )
 
-    rollback = subcommand(actions, "rollback", help="serve an older kept generation")
+    rollback = subcommand(
+        actions, "rollback", handler=_cmd_rollback, help="serve an older kept generation"
+    )
     rollback.add_argument("--to", type=int, dest="to_generation", help="default: previous")
 
-    prune = subcommand(actions, "prune", help="delete old generations and unreferenced files")
+    prune = subcommand(
+        actions,
+        "prune",
+        handler=_cmd_prune,
+        help="delete old generations and unreferenced files",
+    )
     prune.add_argument("--keep", type=int, help="newest generations to keep")
     prune.add_argument("--keep-days", type=float, help="also keep generations younger than this")
     prune.add_argument(
@@ -59,7 +82,12 @@ def register(sub: Any, subcommand: SubcommandFactory) -> None:
     )
     prune.add_argument("--dry-run", action="store_true")
 
-    evaluate = subcommand(actions, "eval", help="recall@k against exact search on a sample")
+    evaluate = subcommand(
+        actions,
+        "eval",
+        handler=_cmd_eval,
+        help="recall@k against exact search on a sample",
+    )
     evaluate.add_argument("--generation", type=int)
     evaluate.add_argument("-k", type=int, default=10)
     evaluate.add_argument("--queries", type=int, default=500)
@@ -67,95 +95,11 @@ def register(sub: Any, subcommand: SubcommandFactory) -> None:
 
     for parser in (build, apply, finalize, rollback, prune, evaluate):
         parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    actions.choices["status"].add_argument("--json", action="store_true")
-
-    search = subcommand(sub, "search", help="search the current index generation")
-    target = search.add_mutually_exclusive_group(required=True)
-    target.add_argument("--item", help="find items similar to this item id")
-    target.add_argument("--image", help="find items similar to this image (path or URL)")
-    target.add_argument("--vector", type=Path, help="a query vector as a .npy file")
-    search.add_argument("-k", type=int, default=10)
-    search.add_argument("--generation", type=int, help="search this kept generation")
-    search.add_argument("--json", action="store_true")
-
-    serve = subcommand(sub, "serve", help="long-running services")
-    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
-    http = subcommand(services, "search", help="HTTP search endpoint")
-    http.add_argument("--host", help="default: index.serve_host")
-    http.add_argument("--port", type=int, help="default: index.serve_port")
-    from imgfleet.cli.serve import register_service as register_cms_service
-
-    register_cms_service(services, subcommand)  # `serve cms` (imgfleet/cli/serve.py)
-
-
-def policy_from_config(config: IndexConfig) -> Any:
-    import faiss
-
-    from index.params import IndexPolicy
-
-    if config.threads:
-        faiss.omp_set_num_threads(config.threads)
-    return IndexPolicy(
-        flat_max_vectors=config.flat_max_vectors,
-        memory_budget_bytes=config.memory_budget_mb * 2**20,
-        list_size=config.list_size,
-        max_train_vectors=config.max_train_vectors,
-        recall_target=config.recall_target,
-        eval_queries=config.eval_queries,
-        nprobe=config.nprobe,
-        use_gpu=config.use_gpu,
-    )
-
-
-def make_applier(settings: Settings, **kwargs: Any) -> Any:
-    from imgfleet.factories import make_storage
-    from index.apply import Applier
-
-    c = settings.index
-    return Applier(
-        make_storage(settings),
-        policy=policy_from_config(c),
-        grace_s=c.grace_s,
-        compact_delta_fraction=c.compact_delta_fraction,
-        retrain_fraction=c.retrain_fraction,
-        **kwargs,
-    )
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
-    sys.stdout.flush()
+    status.add_argument("--json", action="store_true")
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        _print_json(result)
-        return
-    for key, value in result.items():
-        print(f"{key:<22}{value}")
-
-
-def dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    if args.command == "search":
-        return _cmd_search(args, settings)
-    if args.command == "serve" and args.service == "cms":
-        from imgfleet.cli.serve import dispatch as dispatch_cms
-
-        return dispatch_cms(args, settings)
-    if args.command == "serve":
-        from imgfleet.servers.search import serve
-
-        return serve(settings, host=args.host, port=args.port)
-    handler = {
-        "build": _cmd_build,
-        "apply": _cmd_apply,
-        "finalize": _cmd_finalize,
-        "status": _cmd_status,
-        "rollback": _cmd_rollback,
-        "prune": _cmd_prune,
-        "eval": _cmd_eval,
-    }[args.action]
-    return handler(args, settings)
+    print_result(result, as_json, width=22)
 
 
 def _generation_summary(info: Any) -> dict[str, Any]:
@@ -175,9 +119,9 @@ def _generation_summary(info: Any) -> dict[str, Any]:
 
 
 def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
-    from index.build import build_generation
+    from index.publish import build_generation
 
+    configure_faiss_threads(settings)
     c = settings.index
     info = build_generation(
         make_storage(settings),
@@ -194,6 +138,7 @@ def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
     if args.watch:
         return _watch_apply(args, settings)
+    configure_faiss_threads(settings)
     _print(make_applier(settings).apply_once().as_dict(), args.json)
     return 0
 
@@ -213,6 +158,7 @@ def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
     from common.observability.ops_http import OpsServer
 
     health = Health(settings.metrics.stall_after_s)
+    configure_faiss_threads(settings)
     applier = make_applier(settings, health=health)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -232,25 +178,14 @@ def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[int], int]:
     """(image ids of the run's dead-lettered jobs, letters whose job could not be read)."""
-    from common.errors import JobFailure
-    from common.schema import decode_job
-    from imgfleet.factories import read_dead_letters
+    from producers.ops.dead_letters import run_dead_letters
 
-    letters = await read_dead_letters(settings)
-    ids, unreadable = [], 0
-    for letter in letters:
-        if letter.run_id != run_id:
-            continue
-        try:
-            ids.append(decode_job(letter.body).image_id)
-        except JobFailure:
-            unreadable += 1
-    return ids, unreadable
+    dead = run_dead_letters(await read_dead_letters(settings), run_id)
+    return sorted(dead.image_ids), dead.unreadable
 
 
 def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
-    from index.build import build_generation
+    from index.publish import build_generation
     from index.runs import (
         RunStillPublishingError,
         account_run,
@@ -282,6 +217,7 @@ def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
         return 1
+    configure_faiss_threads(settings)
     c = settings.index
     info = build_generation(
         storage,
@@ -298,7 +234,6 @@ def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
     from index.generations import status
 
     result = status(make_storage(settings))
@@ -306,7 +241,7 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print("no index generation has been published yet", file=sys.stderr)
         return 1
     if args.json:
-        _print_json(result)
+        print_json(result)
         return 0
     print(
         f"current generation {result['current_generation']}  (manifest serial {result['serial']})"
@@ -328,7 +263,6 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
     from index.generations import GenerationError, rollback
 
     try:
@@ -341,7 +275,6 @@ def _cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
     from index.generations import prune
 
     c = settings.index
@@ -357,10 +290,10 @@ def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
-    from index.generations import GenerationError, evaluate_generation
+    from index.evaluation import evaluate_generation
+    from index.generations import GenerationError
 
-    policy_from_config(settings.index)  # thread count
+    configure_faiss_threads(settings)
     try:
         result = evaluate_generation(
             make_storage(settings),
@@ -373,43 +306,4 @@ def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         print(f"imgfleet: {exc}", file=sys.stderr)
         return 1
     _print(result, args.json)
-    return 0
-
-
-def embed_image(target: str, settings: Settings) -> np.ndarray:
-    """Fetch, decode and embed one image with the worker's model (search by image)."""
-    from imgfleet.inspect import embed_input
-
-    return embed_input(target, settings)
-
-
-def _cmd_search(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
-    from index.search import Searcher
-
-    policy_from_config(settings.index)
-    searcher = Searcher(make_storage(settings), generation=args.generation)
-    if args.item:
-        found = searcher.search_by_item(args.item, k=args.k)
-        if found is None:
-            print(f"item {args.item!r} is not in the current index generation", file=sys.stderr)
-            return 1
-        hits = found
-    else:
-        if args.vector:
-            vector = np.load(args.vector, allow_pickle=False)
-        else:
-            vector = embed_image(args.image, settings)
-        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        hits = searcher.search(query, k=args.k)[0]
-    if args.json:
-        _print_json(
-            [
-                {"item_id": h.item_id, "image_id": h.image_id, "score": round(h.score, 5)}
-                for h in hits
-            ]
-        )
-    else:
-        for rank, hit in enumerate(hits, start=1):
-            print(f"{rank:>3}  {hit.score:.4f}  {hit.item_id}")
     return 0

@@ -5,33 +5,62 @@ decode paths and truncation policy) and reports the outcome. ``--json`` prints o
 per input with: input, status (ok / recovered / failed), reason, error, format, width,
 height, bytes, path (decoder path), decoded_fraction, content_hash, etag, last_modified,
 redirects, fetch_ms, decode_ms, total_ms, and would_index (what the worker would do).
+
+The decoders (cv2, pyvips, PIL) are imported when an input is inspected, not with the
+command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import orjson
-
 from common.config import Settings
 from common.errors import JobFailure
 from common.identity import content_hash
-from imgfleet.wiring import make_embedder, make_fetcher
-from workers.decode.cpu import configure_decoder_threads, decode_image, sniff_format
+from imgfleet.cli.output import print_json
+from imgfleet.cli.parser import subcommand
+from imgfleet.factories import make_fetcher
 
 
-def _as_url(target: str) -> str:
+def register(sub: Any) -> None:
+    inspect = subcommand(
+        sub,
+        "inspect",
+        handler=_cmd_inspect,
+        help="fetch and decode images and report why each one works or fails",
+    )
+    inspect.add_argument("inputs", nargs="+", metavar="URL|FILE")
+    inspect.add_argument("--json", action="store_true", help="one JSON object per input")
+
+
+def _cmd_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    return run_inspect(args.inputs, settings, as_json=args.json)
+
+
+def input_url(target: str) -> str:
+    """A URL as given; a path as its file:// URL."""
     if "://" in target:
         return target
     return Path(target).resolve().as_uri()
 
 
+def fetch_input(target: str, settings: Settings) -> bytes:
+    """The bytes of one URL or file, fetched as a worker would (search by image)."""
+
+    async def fetch() -> bytes:
+        async with make_fetcher(settings) as fetcher:
+            return (await fetcher.fetch(input_url(target))).data
+
+    return asyncio.run(fetch())
+
+
 async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str, Any]]:
+    from workers.decode.cpu import configure_decoder_threads, decode_image, sniff_format
+
     reports = []
     w = settings.worker
     configure_decoder_threads()
@@ -59,7 +88,7 @@ async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str
             }
             t0 = time.perf_counter()
             try:
-                fetched = await fetcher.fetch(_as_url(target))
+                fetched = await fetcher.fetch(input_url(target))
                 report.update(
                     fetch_ms=round((time.perf_counter() - t0) * 1000, 2),
                     bytes=len(fetched.data),
@@ -102,7 +131,7 @@ def run_inspect(inputs: list[str], settings: Settings, *, as_json: bool) -> int:
     reports = asyncio.run(inspect_inputs(inputs, settings))
     for r in reports:
         if as_json:
-            sys.stdout.write(orjson.dumps(r).decode() + "\n")
+            print_json(r)
             continue
         size = f"{r['width']}x{r['height']}" if r["width"] else "-"
         timing = f"{r['total_ms']:.0f} ms"
@@ -111,16 +140,3 @@ def run_inspect(inputs: list[str], settings: Settings, *, as_json: bool) -> int:
             line += f"\n          {r['reason']}: {r['error']}"
         print(line)
     return 0 if all(r["status"] != "failed" for r in reports) else 1
-
-
-def embed_input(target: str, settings: Settings) -> np.ndarray:
-    """Fetch, decode and embed one image (for search by image)."""
-
-    async def _fetch() -> bytes:
-        async with make_fetcher(settings) as fetcher:
-            return (await fetcher.fetch(_as_url(target))).data
-
-    data = asyncio.run(_fetch())
-    configure_decoder_threads()
-    pixels = decode_image(data, max_pixels=settings.worker.max_pixels).pixels
-    return make_embedder(settings).embed(pixels[np.newaxis])[0]

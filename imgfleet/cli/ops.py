@@ -13,17 +13,18 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
-
 from common.brokers.base import Broker, DeadLetter
 from common.config import Settings
-from common.errors import ConfigError
+from common.errors import ConfigError, ExitCode
+from imgfleet.cli.output import error, print_json
+from imgfleet.cli.parser import subcommand
+from imgfleet.factories import make_broker, make_storage
 from producers.ops.dead_letters import (
     LetterArchive,
     MoveReport,
@@ -40,8 +41,6 @@ from producers.ops.dead_letters import (
 )
 from producers.ops.filters import LetterFilter, format_duration, parse_age
 from producers.ops.run_status import RunFigures, RunSample, run_state
-
-SubcommandFactory = Callable[..., argparse.ArgumentParser]
 
 # More letters than this to move asks for confirmation (--yes skips; no terminal refuses).
 CONFIRM_ABOVE = 1000
@@ -93,10 +92,11 @@ def _add_move_flags(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def register(sub: Any, subcommand: SubcommandFactory) -> None:
+def register(sub: Any) -> None:
     status = subcommand(
         sub,
         "status",
+        handler=_cmd_status,
         help="queue figures per lane and progress of the newest runs",
         description="Queue figures per lane (ready, in flight, consumers, lag) and, per "
         "nightly run, expected / indexed / failed / remaining jobs, failures by reason, "
@@ -117,20 +117,23 @@ def register(sub: Any, subcommand: SubcommandFactory) -> None:
 
     dlq = subcommand(sub, "dlq", help="dead-lettered jobs")
     dlq_sub = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dlq_list = subcommand(dlq_sub, "list", help="dead-lettered jobs grouped by reason")
+    dlq_list = subcommand(
+        dlq_sub, "list", handler=_cmd_dlq_list, help="dead-lettered jobs grouped by reason"
+    )
     _add_filters(dlq_list)
     order = dlq_list.add_mutually_exclusive_group()
     order.add_argument("--newest", dest="newest_first", action="store_true", default=True)
     order.add_argument("--oldest", dest="newest_first", action="store_false")
     dlq_list.add_argument("--limit", type=int, default=20, help="letters listed (default 20)")
     dlq_list.add_argument("--json", action="store_true")
-    dlq_show = subcommand(dlq_sub, "show", help="one dead letter in full")
+    dlq_show = subcommand(dlq_sub, "show", handler=_cmd_dlq_show, help="one dead letter in full")
     dlq_show.add_argument("ident", metavar="ID", help="DLQ id, job id or item id")
     dlq_show.add_argument("--json", action="store_true")
 
     requeue = subcommand(
         sub,
         "requeue",
+        handler=_cmd_move,
         help="put dead-lettered jobs back on the live lane",
         description="Republish matching dead-lettered jobs on the live lane with a fresh set "
         "of attempts (their failure kept in the job's history), then remove them from the "
@@ -142,6 +145,7 @@ def register(sub: Any, subcommand: SubcommandFactory) -> None:
     purge = subcommand(
         sub,
         "purge",
+        handler=_cmd_move,
         help="remove dead letters for good (archived to a JSONL file first)",
     )
     _add_filters(purge)
@@ -156,31 +160,46 @@ def register(sub: Any, subcommand: SubcommandFactory) -> None:
     purge.add_argument("--no-archive", action="store_true", help="purge without an archive")
 
 
-def dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    if getattr(args, "log_level", None) is None:
-        _quiet_logs(args, settings)
-    if args.command == "status":
-        try:
-            return asyncio.run(_cmd_status(args, settings))
-        except KeyboardInterrupt:
-            return 0  # Ctrl-C is how --watch ends
+# -- handlers -----------------------------------------------------------------------------
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    _quiet_logs(args, settings)
+    try:
+        return asyncio.run(_status(args, settings))
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how --watch ends
+
+
+def _cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    _quiet_logs(args, settings)
     flt = _filter_from(args)
     if flt is None:
-        return 2
-    if args.command == "dlq" and args.action == "show":
-        return asyncio.run(_cmd_dlq_show(args, settings))
-    if args.command == "dlq":
-        return asyncio.run(_cmd_dlq_list(args, settings, flt))
+        return ExitCode.CONFIG
+    return asyncio.run(_dlq_list(args, settings, flt))
+
+
+def _cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    _quiet_logs(args, settings)
+    return asyncio.run(_dlq_show(args, settings))
+
+
+def _cmd_move(args: argparse.Namespace, settings: Settings) -> int:
+    """`requeue` and `purge` (``args.command`` says which)."""
+    _quiet_logs(args, settings)
+    flt = _filter_from(args)
+    if flt is None:
+        return ExitCode.CONFIG
     if flt.is_empty and not args.all:
-        _error(
+        error(
             f"{args.command} needs a filter (--reason, --run, --older-than, --newer-than, "
             "--item, --items-file) or --all"
         )
-        return 2
+        return ExitCode.CONFIG
     if args.command == "purge" and args.archive and args.no_archive:
-        _error("--archive and --no-archive contradict each other")
-        return 2
-    return asyncio.run(_cmd_move(args, settings, flt))
+        error("--archive and --no-archive contradict each other")
+        return ExitCode.CONFIG
+    return asyncio.run(_move(args, settings, flt))
 
 
 def _quiet_logs(args: argparse.Namespace, settings: Settings) -> None:
@@ -189,6 +208,8 @@ def _quiet_logs(args: argparse.Namespace, settings: Settings) -> None:
     A broker that cannot be reached ends in one `imgfleet: ...` line rather than a page of
     client-library retries; `--log-level info` brings the logs back.
     """
+    if args.log_level is not None:
+        return  # an explicit --log-level wins
     import logging
 
     from common.observability.logging import configure_logging
@@ -199,8 +220,6 @@ def _quiet_logs(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _filter_from(args: argparse.Namespace) -> LetterFilter | None:
-    if getattr(args, "action", None) == "show":
-        return LetterFilter(now_s=time.time())
     try:
         return LetterFilter.build(
             now_s=time.time(),
@@ -212,23 +231,12 @@ def _filter_from(args: argparse.Namespace) -> LetterFilter | None:
             items_file=args.items_file,
         )
     except ConfigError as exc:
-        _error(str(exc))
+        error(str(exc))
         return None
-
-
-def _error(message: str) -> None:
-    print(f"imgfleet: {message}", file=sys.stderr)
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
-    sys.stdout.flush()
 
 
 @contextlib.asynccontextmanager
 async def _connected(settings: Settings) -> AsyncIterator[Broker]:
-    from imgfleet.factories import make_broker
-
     broker = make_broker(settings)
     try:
         await broker.connect()
@@ -240,7 +248,7 @@ async def _connected(settings: Settings) -> AsyncIterator[Broker]:
 # -- dlq list / show ----------------------------------------------------------------------
 
 
-async def _cmd_dlq_list(args: argparse.Namespace, settings: Settings, flt: LetterFilter) -> int:
+async def _dlq_list(args: argparse.Namespace, settings: Settings, flt: LetterFilter) -> int:
     async with _connected(settings) as broker:
         letters = [d for d in await broker.dead_letters(limit=ALL_LETTERS) if flt.matches(d)]
     now_s = flt.now_s
@@ -250,7 +258,7 @@ async def _cmd_dlq_list(args: argparse.Namespace, settings: Settings, flt: Lette
         for d in ordered(letters, newest_first=args.newest_first)[: max(args.limit, 0)]
     ]
     if args.json:
-        _print_json(
+        print_json(
             {
                 "total": len(letters),
                 "filter": flt.as_dict(),
@@ -282,16 +290,16 @@ async def _cmd_dlq_list(args: argparse.Namespace, settings: Settings, flt: Lette
     return 0
 
 
-async def _cmd_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+async def _dlq_show(args: argparse.Namespace, settings: Settings) -> int:
     async with _connected(settings) as broker:
         found = find_letters(await broker.dead_letters(limit=ALL_LETTERS), args.ident)
     if not found:
-        _error(f"no dead letter has the DLQ id, job id or item id {args.ident!r}")
+        error(f"no dead letter has the DLQ id, job id or item id {args.ident!r}")
         return 1
     now_s = time.time()
     details = [letter_detail(d, now_s) for d in found]
     if args.json:
-        _print_json({"letters": details})
+        print_json({"letters": details})
         return 0
     for i, detail in enumerate(details):
         if i:
@@ -360,7 +368,7 @@ def confirm(
     return stdin.readline().strip().lower() in ("y", "yes")
 
 
-async def _cmd_move(args: argparse.Namespace, settings: Settings, flt: LetterFilter) -> int:
+async def _move(args: argparse.Namespace, settings: Settings, flt: LetterFilter) -> int:
     verb = args.command
     async with _connected(settings) as broker:
         planned = plan(await broker.dead_letters(limit=ALL_LETTERS), flt, verb, args.limit)
@@ -389,7 +397,7 @@ def _archive_path() -> Path:
 
 def _print_move(report: MoveReport, flt: LetterFilter, as_json: bool) -> None:
     if as_json:
-        _print_json({**report.as_dict(), "filter": flt.as_dict()})
+        print_json({**report.as_dict(), "filter": flt.as_dict()})
         return
     verb = report.action
     done = {"requeue": "requeued", "purge": "purged"}[verb]
@@ -418,9 +426,7 @@ def _print_move(report: MoveReport, flt: LetterFilter, as_json: bool) -> None:
 # -- status -------------------------------------------------------------------------------
 
 
-async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import make_storage
-
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
     storage = make_storage(settings)
     previous: dict[str, RunSample] = {}
     redraw = args.watch is not None and not args.json and sys.stdout.isatty()
@@ -428,7 +434,7 @@ async def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         while True:
             snapshot, previous = await status_snapshot(broker, storage, settings, args, previous)
             if args.json:
-                _print_json(snapshot)
+                print_json(snapshot)
             else:
                 if redraw:
                     sys.stdout.write("\x1b[H\x1b[2J")

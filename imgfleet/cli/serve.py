@@ -1,4 +1,6 @@
-"""`imgfleet serve cms`: the CMS intake HTTP endpoint."""
+"""`imgfleet serve search` (the HTTP search endpoint) and `imgfleet serve cms` (the CMS
+intake HTTP endpoint): the long-running services.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +12,22 @@ from typing import Any
 
 from common.config import Settings
 from common.observability.logging import get_logger
+from imgfleet.cli.parser import subcommand
 
 
-def register_service(services: Any, subcommand: Any) -> None:
-    cms = subcommand(services, "cms", help="CMS intake: item upserts and deletes over HTTP")
+def register(sub: Any) -> None:
+    serve = subcommand(sub, "serve", help="long-running services")
+    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    http = subcommand(services, "search", handler=_cmd_search, help="HTTP search endpoint")
+    http.add_argument("--host", help="default: index.serve_host")
+    http.add_argument("--port", type=int, help="default: index.serve_port")
+
+    cms = subcommand(
+        services,
+        "cms",
+        handler=_cmd_cms,
+        help="CMS intake: item upserts and deletes over HTTP",
+    )
     cms.add_argument("--host", help="default: cms.host")
     cms.add_argument("--port", type=int, help="default: cms.port (0: an ephemeral port)")
     cms.add_argument(
@@ -23,7 +37,13 @@ def register_service(services: Any, subcommand: Any) -> None:
     )
 
 
-def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+def _cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.servers.search import serve
+
+    return serve(settings, host=args.host, port=args.port)
+
+
+def _cmd_cms(args: argparse.Namespace, settings: Settings) -> int:
     from producers.cms.runtime import IntakeSettings
 
     cms = settings.cms.model_copy(
@@ -41,10 +61,12 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _serve(settings: Settings, intake_settings: Any, host: str, port: int) -> None:
+    from common.observability.metrics import IntakeMetrics
     from imgfleet.factories import make_broker, make_storage
     from producers.cms.app import Intake, serve
 
-    intake = Intake(make_broker(settings), make_storage(settings), intake_settings)
+    metrics = IntakeMetrics().with_process_collectors()
+    intake = Intake(make_broker(settings), make_storage(settings), intake_settings, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,9 +25,8 @@ from common.observability.logging import get_logger
 from common.schema import decode_job
 from imgfleet.demo.corpus import Corpus, make_corpus
 from imgfleet.demo.image_server import ImageServer
-from imgfleet.factories import make_broker, make_storage
-from imgfleet.wiring import run_worker
-from index.build import build_generation
+from imgfleet.factories import make_broker, make_storage, run_worker
+from index.publish import build_generation
 from index.search import Searcher
 from producers.nightly.upserts import publish_catalogue
 

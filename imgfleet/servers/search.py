@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
@@ -32,7 +32,11 @@ from common.observability.health import Health
 from common.observability.logging import get_logger
 from common.observability.metrics import default_metrics
 from common.observability.ops_http import OpsServer
+from imgfleet.factories import configure_faiss_threads, embed_one, make_embedder, make_storage
 from index.search import Hit, Searcher
+
+if TYPE_CHECKING:
+    from workers.embed.types import Embedder
 
 MAX_K = 1000
 MAX_BODY_BYTES = 32 * 2**20
@@ -110,19 +114,17 @@ async def search_image(request: web.Request) -> web.Response:
     return web.json_response({"generation": searcher.generation, "hits": _hits(hits)})
 
 
-def _image_embedder(settings: Settings) -> Any:
+def _image_embedder(settings: Settings) -> Callable[[bytes], np.ndarray]:
     """Decode + embed with the worker's own code and model, loaded on first use."""
-    state: dict[str, Any] = {}
+    loaded: list[Embedder] = []
+
+    def model() -> Embedder:
+        if not loaded:
+            loaded.append(make_embedder(settings))
+        return loaded[0]
 
     def embed(data: bytes) -> np.ndarray:
-        from imgfleet.wiring import make_embedder
-        from workers.decode.cpu import decode_image
-
-        if "embedder" not in state:
-            state["embedder"] = make_embedder(settings)
-        pixels = decode_image(data, max_pixels=settings.worker.max_pixels).pixels
-        vector: np.ndarray = state["embedder"].embed(pixels[np.newaxis])[0]
-        return vector
+        return embed_one(settings, data, model)
 
     return embed
 
@@ -174,10 +176,7 @@ def make_app(
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
-    from imgfleet.cli.index import policy_from_config
-    from imgfleet.factories import make_storage
-
-    policy_from_config(settings.index)
+    configure_faiss_threads(settings)
     searcher = Searcher(make_storage(settings))
     metrics = default_metrics()
     health = Health(settings.metrics.stall_after_s)

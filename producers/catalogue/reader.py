@@ -19,17 +19,17 @@ from typing import Any
 
 from common.config import ProducerConfig
 from common.observability.logging import get_logger
-from common.storage.s3 import make_s3_client
+from common.schema import MAX_ITEM_ID_CHARS, MAX_URL_CHARS
 from producers.catalogue.formats import CsvRows, JsonlRows, ParquetRows, open_parquet
 from producers.catalogue.sources import (
     CatalogueError,
     CatalogueFormatError,
     S3RangeReader,
+    default_s3_client,
     is_s3_url,
     open_byte_stream,
     open_local_file,
 )
-from producers.catalogue.sources import s3_client_from_config as s3_client_from_config
 
 __all__ = [
     "Catalogue",
@@ -40,7 +40,6 @@ __all__ = [
     "RejectedRow",
     "open_catalogue",
     "read_catalogue",
-    "s3_client_from_config",
 ]
 
 _FORMATS = {
@@ -57,10 +56,8 @@ SUPPORTED_FORMATS = (
 )
 _URL_PREFIXES = ("http://", "https://", "s3://", "file://")
 _MAX_VERSION = 2**63 - 1
-# The job schema's limits (common/schema.py Job): a row past them is rejected here rather
-# than failing when its jobs are built.
-MAX_ITEM_ID_CHARS = 512
-MAX_URL_CHARS = 8192
+# A row past the job schema's limits (MAX_ITEM_ID_CHARS, MAX_URL_CHARS) is rejected here
+# rather than failing when its jobs are built.
 # Without a column mapping, a JSONL row or header may name a single URL `image_url`.
 _DEFAULT_URL_COLUMNS = ("image_urls",)
 _SINGLE_URL_FALLBACK = "image_url"
@@ -393,7 +390,7 @@ def _open_parquet(label: str, mapping: ColumnMapping, s3_client: Any | None) -> 
     closers: list[Any] = []
     source: Any = label
     if is_s3_url(label):
-        client = s3_client if s3_client is not None else make_s3_client()
+        client = s3_client if s3_client is not None else default_s3_client()
         reader = S3RangeReader(client, label)
         closers.append(reader)
         source = reader

@@ -26,9 +26,9 @@ from typing import IO, Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from common.errors import PermanentError, Reason, TransientError
-from common.storage.s3 import make_s3_client
-from common.storage.s3 import s3_client_from_config as s3_client_from_config
+from common.config import StorageConfig
+from common.errors import ExitCode, OperatorError
+from common.storage.s3_client import s3_client_from_config
 
 STREAM_BUFFER_BYTES = 1 * 2**20  # one read from the file / socket
 RANGE_BLOCK_BYTES = 4 * 2**20  # one ranged GET for Parquet
@@ -41,10 +41,15 @@ _CHANGED_CODES = {"412", "PreconditionFailed"}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-class CatalogueError(PermanentError):
-    """The catalogue as a whole cannot be read; the run stops with this message."""
+class CatalogueError(OperatorError):
+    """The catalogue as a whole cannot be read; the run stops with this message (exit 1).
 
-    reason = Reason.STORAGE
+    ``transient`` says whether running again later may work (storage did not answer) or
+    not before the catalogue or its access is fixed (missing, denied, not its format).
+    """
+
+    exit_code = ExitCode.FAILED
+    transient = False
 
 
 class CatalogueNotFoundError(CatalogueError):
@@ -58,21 +63,27 @@ class CatalogueAccessError(CatalogueError):
 class CatalogueFormatError(CatalogueError, ValueError):
     """Not the format it claims (bad Parquet footer, no CSV header, missing columns...)."""
 
-    reason = Reason.UNSUPPORTED_SCHEMA
-
 
 class CatalogueChangedError(CatalogueError):
     """The object was replaced while it was being read: rows would mix two dumps."""
 
 
-class CatalogueUnavailableError(TransientError):
-    """Storage did not answer (after botocore's retries); trying the run later may work."""
+class CatalogueUnavailableError(CatalogueError):
+    """Storage did not answer (after botocore's retries); trying the run later may work.
 
-    reason = Reason.STORAGE
+    Nothing retries it in the process: the S3 readers already resumed what they could.
+    """
+
+    transient = True
 
 
 def is_s3_url(source: str | os.PathLike[str]) -> bool:
     return isinstance(source, str) and source.startswith("s3://")
+
+
+def default_s3_client() -> Any:
+    """The client for a caller that passes none: ``[storage]``'s defaults, no credentials."""
+    return s3_client_from_config(StorageConfig())
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -229,7 +240,7 @@ def open_local_file(path: Path) -> tuple[Any, int]:
 def open_byte_stream(source: str | os.PathLike[str], *, s3_client: Any | None = None) -> ByteStream:
     """Open a local file or s3:// object for one sequential pass; gunzip when gzipped."""
     if is_s3_url(source):
-        client = s3_client if s3_client is not None else make_s3_client()
+        client = s3_client if s3_client is not None else default_s3_client()
         raw: Any = S3StreamReader(client, str(source))
         size: int = raw.size_bytes
     else:

@@ -30,10 +30,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from common.brokers.base import Broker
 from common.observability.logging import get_logger
+from common.observability.metrics import IntakeMetrics
 from common.schema import Job, Op
 from common.storage.base import Storage
 from producers.cms.idempotency import (
@@ -56,18 +56,6 @@ from producers.cms.schema import (
     parse_batch,
     parse_delete,
     parse_upsert,
-)
-
-REQUESTS = Counter(
-    "imgfleet_cms_requests_total", "CMS intake HTTP requests by response status", ["status"]
-)
-CHANGES = Counter(
-    "imgfleet_cms_changes_total", "Item changes accepted (durable on the broker) by op", ["op"]
-)
-PUBLISH_SECONDS = Histogram(
-    "imgfleet_cms_publish_seconds",
-    "Time to publish one request's jobs until the broker confirmed them all",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
 REALM = 'Bearer realm="imgfleet-cms"'
@@ -128,11 +116,21 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 
 
 class Intake:
-    """The intake's state and handlers; ``make_app`` wires them into aiohttp."""
+    """The intake's state and handlers; ``make_app`` wires them into aiohttp.
 
-    def __init__(self, broker: Broker, storage: Storage, settings: IntakeSettings) -> None:
+    ``/metrics`` serves ``metrics`` (default: a fresh registry of the intake's metrics).
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        storage: Storage,
+        settings: IntakeSettings,
+        metrics: IntakeMetrics | None = None,
+    ) -> None:
         self.broker = broker
         self.settings = settings
+        self.metrics = metrics or IntakeMetrics()
         self.link = BrokerLink(broker)
         self.store = IdempotencyStore(
             storage,
@@ -156,7 +154,7 @@ class Intake:
         app.router.add_delete("/v1/items/{item_id}", self.delete_item)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/metrics", self.serve_metrics)
         app.cleanup_ctx.append(self._lifecycle)
         return app
 
@@ -217,7 +215,7 @@ class Intake:
             internal = ApiError(500, "internal_error", "internal error; the request failed")
             response = internal.response(request_id)
         response.headers["X-Request-Id"] = request_id
-        REQUESTS.labels(status=str(response.status)).inc()
+        self.metrics.requests.labels(status=str(response.status)).inc()
         if request.path not in ("/healthz", "/readyz", "/metrics") or response.status >= 500:
             log.info(
                 "request",
@@ -368,7 +366,7 @@ class Intake:
                 # the same job ids once the lease is over.
                 log.error("could not record the idempotent response", error=str(exc))
         for change in changes:
-            CHANGES.labels(op=change.op.value).inc()
+            self.metrics.changes.labels(op=change.op.value).inc()
         return web.Response(status=202, body=body, content_type="application/json")
 
     async def _claim(self, key: str, print_: str) -> tuple[Claim | None, Replay | None]:
@@ -438,7 +436,7 @@ class Intake:
                 "not accepted (retry it with the same Idempotency-Key)",
                 headers=unavailable,
             ) from exc
-        PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
 
     # -- operations ----------------------------------------------------------------------
 
@@ -451,8 +449,9 @@ class Intake:
         ok, why = await self.link.ready()
         return _json(200 if ok else 503, {"ready": ok, **({"reason": why} if why else {})})
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def serve_metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 def _accepted(

@@ -7,30 +7,27 @@ replica sees the same keys and a restart forgets none:
   (``lease_s``): a replica that dies mid-request does not block the key for longer.
 - ``done``: the response (status and body) to replay, kept ``ttl_s`` after completion.
 
-Claims are atomic where the storage allows it: a conditional create/replace on object
-storage that offers ``put_if_match`` (S3), an exclusive ``flock`` on a shared filesystem
-for the local directory. Anywhere else a claim is compare-then-put, and two replicas racing
-on one key may both publish; the job ids come from the key, so both publish the same jobs
-and the index applies them once.
+Claims are compare-and-swap writes (``common.storage.cas``), atomic as the storage makes
+them: a conditional create/replace on S3, an exclusive ``flock`` on a shared filesystem for
+the local directory. Where the storage cannot (S3 with ``conditional_writes=False``) a
+claim is compare-then-put, and two replicas racing on one key may both publish; the job
+ids come from the key, so both publish the same jobs and the index applies them once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from common.observability.logging import get_logger
-from common.storage.base import ObjectNotFoundError, Storage
+from common.storage.base import Storage
+from common.storage.cas import read_versioned, write_if_unchanged
 
 PREFIX = "cms/idempotency/"
 MAX_KEY_CHARS = 255
@@ -108,7 +105,7 @@ class IdempotencyStore:
         """Claim ``key`` for the request with ``fingerprint``, or say why not."""
         storage_key = self.storage_key(key)
         for _ in range(_CLAIM_ATTEMPTS):
-            data, token = self._read(storage_key)
+            data, token = read_versioned(self.storage, storage_key)
             record = _parse(data, storage_key) if data is not None else None
             now = self.clock()
             if record is not None and _live(record, now):
@@ -127,7 +124,7 @@ class IdempotencyStore:
                 "claimed_at_s": now,
                 "lease_until_s": now + self.lease_s,
             }
-            if self._write_if(storage_key, orjson.dumps(claimed), token):
+            if write_if_unchanged(self.storage, storage_key, orjson.dumps(claimed), token):
                 return Claim(storage_key, owner, fingerprint)
         # Lost every race: someone else holds it now.
         return InProgress()
@@ -151,7 +148,7 @@ class IdempotencyStore:
 
     def abandon(self, claim: Claim) -> None:
         """Release a claim whose request was not accepted, so a retry need not wait."""
-        data, _ = self._read(claim.storage_key)
+        data = read_versioned(self.storage, claim.storage_key).data
         if data is None:
             return
         record = _parse(data, claim.storage_key)
@@ -173,7 +170,7 @@ class IdempotencyStore:
                 break
             if not storage_key.endswith(".json"):
                 continue
-            data, _ = self._read(storage_key)
+            data = read_versioned(self.storage, storage_key).data
             if data is None:
                 continue
             record = _parse(data, storage_key)
@@ -181,33 +178,6 @@ class IdempotencyStore:
                 self.storage.delete(storage_key)
                 purged += 1
         return purged
-
-    # -- storage -------------------------------------------------------------------------
-
-    def _read(self, storage_key: str) -> tuple[bytes | None, str | None]:
-        """(bytes, version token), or (None, None) when there is no record."""
-        get_versioned = getattr(self.storage, "get_versioned", None)
-        if get_versioned is not None:
-            data, token = get_versioned(storage_key)
-            return data, token
-        try:
-            data = self.storage.get(storage_key)
-        except ObjectNotFoundError:
-            return None, None
-        return data, hashlib.sha256(data).hexdigest()
-
-    def _write_if(self, storage_key: str, data: bytes, expected_token: str | None) -> bool:
-        """Write if the record is still the one read (token None: if there is none)."""
-        put_if_match = getattr(self.storage, "put_if_match", None)
-        if put_if_match is not None:
-            return bool(put_if_match(storage_key, data, expected_token))
-        path = self.storage.local_path(storage_key)
-        with _dir_lock(path.parent) if path is not None else contextlib.nullcontext():
-            _, token = self._read(storage_key)
-            if token != expected_token:
-                return False
-            self.storage.put(storage_key, data)
-            return True
 
 
 def _parse(data: bytes, storage_key: str) -> dict[str, Any] | None:
@@ -229,16 +199,3 @@ def _live(record: dict[str, Any], now: float) -> bool:
     """True while a record still counts: a lease not run out, a response not expired."""
     until = record.get("lease_until_s") if _leased(record) else record.get("expires_at_s")
     return isinstance(until, int | float) and until > now
-
-
-@contextlib.contextmanager
-def _dir_lock(directory: Path) -> Iterator[None]:
-    # One lock per directory: claims are a read and a small write, so serialising them
-    # across processes costs nothing at CMS rates.
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

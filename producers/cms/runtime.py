@@ -5,7 +5,6 @@ connect, and whether the broker is usable now, for readiness).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from dataclasses import dataclass
 
@@ -13,6 +12,7 @@ from common.brokers.base import Broker
 from common.config import CmsConfig, ProducerConfig
 from common.errors import ConfigError
 from common.observability.logging import get_logger
+from common.retry import retry_until
 
 log = get_logger("cms_intake")
 
@@ -78,20 +78,16 @@ class BrokerLink:
 
         A configuration error (credentials, queue settings) will not fix itself: raise.
         """
-        delay_s = 0.5
-        while True:
-            try:
-                await self.broker.connect()
-            except ConfigError:
-                raise
-            except Exception as exc:
-                log.warning("broker not reachable; retrying", error=str(exc), retry_in_s=delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 10.0)
-                continue
-            self.connected = True
-            log.info("broker connected", broker=repr(self.broker))
-            return
+        await retry_until(
+            self.broker.connect,
+            retry_on=(Exception,),
+            stop_on=(ConfigError,),
+            first_delay_s=0.5,
+            max_delay_s=10.0,
+            on_retry=_log_retry,
+        )
+        self.connected = True
+        log.info("broker connected", broker=repr(self.broker))
 
     async def ready(self) -> tuple[bool, str]:
         """(usable, why not), from the adapter's own view of its link (``is_connected()``)."""
@@ -99,3 +95,7 @@ class BrokerLink:
             return False, "not connected to the broker yet"
         up = self.broker.is_connected()
         return up, "" if up else "broker connection lost; reconnecting"
+
+
+def _log_retry(exc: BaseException, wait_s: float, left_s: float) -> None:
+    log.warning("broker not reachable; retrying", error=str(exc), retry_in_s=wait_s)

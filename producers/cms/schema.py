@@ -18,12 +18,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from common.identity import image_id_for, job_id_for
-from common.schema import Job, Lane, Op
+from common.identity import image_id_for
+from common.schema import MAX_ITEM_ID_CHARS, MAX_URL_CHARS, Job, Lane, Op
+from producers.jobs import delete_job, upsert_job
 
 CMS_RUN_ID = "cms"  # run id of every CMS job: outside any nightly run
-MAX_ITEM_ID_CHARS = 512  # Job.item_id's limit
-MAX_URL_CHARS = 8192  # Job.url's limit
 MAX_VERSION = 2**63 - 1  # the index keeps versions as int64
 URL_SCHEMES = ("http", "https", "s3")
 MAX_PROBLEMS = 100  # listed in one response; the message gives the full count
@@ -364,19 +363,29 @@ def jobs_for_change(change: Change, max_images: int, id_scope: str) -> list[Job]
     jobs = []
     for position in range(max_images):
         key = str(position)
-        upsert = change.op is Op.UPSERT and position < len(change.image_urls)
-        op = Op.UPSERT if upsert else Op.DELETE
-        jobs.append(
-            Job(
-                job_id=job_id_for(id_scope, image_id_for(change.item_id, key), op.value),
+        image_id = image_id_for(change.item_id, key)
+        if change.op is Op.UPSERT and position < len(change.image_urls):
+            job = upsert_job(
                 run_id=CMS_RUN_ID,
+                image_id=image_id,
                 item_id=change.item_id,
                 image_key=key,
-                op=op,
-                url=change.image_urls[position] if upsert else None,
+                url=change.image_urls[position],
                 version=change.version,
                 lane=Lane.LIVE,
+                id_scope=id_scope,
                 created_at_s=created_at_s,
             )
-        )
+        else:
+            job = delete_job(
+                run_id=CMS_RUN_ID,
+                image_id=image_id,
+                item_id=change.item_id,
+                image_key=key,
+                version=change.version,
+                lane=Lane.LIVE,
+                id_scope=id_scope,
+                created_at_s=created_at_s,
+            )
+        jobs.append(job)
     return jobs

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import producers.nightly.metrics as metrics
 from common.brokers.base import Broker
+from common.observability.metrics import ProducerMetrics
 from common.schema import Job
 from producers.nightly.rate_limit import TokenBucket
 
@@ -28,9 +28,11 @@ class ConfirmedBatches:
         ledger: str | None,
         in_flight: int,
         limiter: TokenBucket,
+        metrics: ProducerMetrics,
         on_confirmed: OnConfirmed | None = None,
     ) -> None:
         self._broker = broker
+        self._metrics = metrics
         self._ledger = ledger
         self._slots = asyncio.Semaphore(in_flight)
         self._limiter = limiter
@@ -70,7 +72,8 @@ class ConfirmedBatches:
                 return
             self.confirmed_jobs += len(jobs)
             for op in {job.op for job in jobs}:
-                metrics.JOBS_PUBLISHED.labels(op.value).inc(sum(j.op is op for j in jobs))
+                published = self._metrics.jobs_published.labels(op.value)
+                published.inc(sum(j.op is op for j in jobs))
             if self._on_confirmed is not None:
                 try:
                     self._on_confirmed(jobs)

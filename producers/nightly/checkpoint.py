@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-import producers.nightly.metrics as metrics
 from common.brokers.base import Broker
+from common.observability.metrics import ProducerMetrics
 from common.storage.base import Storage
 from producers.catalogue.rejects import RejectsFile
 from producers.nightly.batches import ConfirmedBatches
@@ -98,10 +98,12 @@ class CheckpointWriter:
         base: Checkpoint,
         *,
         interval_s: float,
+        metrics: ProducerMetrics,
         rejects: RejectsFile | None = None,
         on_saved: Callable[[Checkpoint], None] | None = None,
     ) -> None:
         self.storage = storage
+        self.metrics = metrics
         self.on_saved = on_saved
         self.broker = broker
         self.ledger = ledger
@@ -142,7 +144,7 @@ class CheckpointWriter:
         await asyncio.to_thread(save_checkpoint, self.storage, checkpoint)
         self.current = checkpoint
         self._last_s = time.monotonic()
-        metrics.CHECKPOINTS.inc()
+        self.metrics.checkpoints.inc()
         if self.on_saved is not None:
             await asyncio.to_thread(self.on_saved, checkpoint)
         return checkpoint

@@ -12,16 +12,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from common.errors import PermanentError, Reason
-from common.identity import job_id_for
-from common.schema import Job, Lane, Op
+from common.errors import ExitCode, OperatorError
+from common.schema import Job, Lane
+from producers.jobs import delete_job
 from producers.nightly.snapshot import ImageSnapshot
 
 
-class MassDeleteError(PermanentError):
+class MassDeleteError(OperatorError):
     """More images would be deleted than ``producer.max_delete_fraction`` allows."""
 
-    reason = Reason.BAD_MESSAGE
+    exit_code = ExitCode.MASS_DELETE
 
     def __init__(self, run_id: str, deletes: int, previous: int, max_fraction: float) -> None:
         share = deletes / previous if previous else 1.0
@@ -58,18 +58,15 @@ def delete_jobs(
     """
     for begin in range(start, len(gone), batch_size):
         end = min(begin + batch_size, len(gone))
-        batch = []
-        for index in gone[begin:end].tolist():
-            image_id = int(previous.image_ids[index])
-            batch.append(
-                Job(
-                    job_id=job_id_for(run_id, image_id, Op.DELETE.value),
-                    run_id=run_id,
-                    item_id=previous.item_id(index),
-                    image_key=str(int(previous.image_keys[index])),
-                    op=Op.DELETE,
-                    version=int(previous.versions[index]),
-                    lane=Lane.BULK,
-                )
+        batch = [
+            delete_job(
+                run_id=run_id,
+                image_id=int(previous.image_ids[index]),
+                item_id=previous.item_id(index),
+                image_key=str(int(previous.image_keys[index])),
+                version=int(previous.versions[index]),
+                lane=Lane.BULK,
             )
+            for index in gone[begin:end].tolist()
+        ]
         yield end, batch

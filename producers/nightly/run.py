@@ -28,10 +28,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-import producers.nightly.metrics as metrics
 from common.brokers.base import Broker
-from common.errors import PermanentError, Reason
+from common.errors import ExitCode, OperatorError
 from common.observability.logging import get_logger
+from common.observability.metrics import ProducerMetrics
 from common.schema import Lane
 from common.storage.base import Storage
 from producers.catalogue.reader import RejectedRow
@@ -61,14 +61,16 @@ def _rejects_length(checkpoint: Checkpoint | None, path: Path) -> int | None:
     return checkpoint.rejects_bytes
 
 
-class RunConflictError(PermanentError):
+class RunConflictError(OperatorError):
     """There is nothing to resume, or the run cannot be resumed."""
 
-    reason = Reason.BAD_MESSAGE
+    exit_code = ExitCode.CONFIG  # a usage error: another --run-id or --resume is needed
 
 
 class RunExistsError(RunConflictError):
     """The run id is taken (a new run without --resume, or a run published already)."""
+
+    exit_code = ExitCode.RUN_EXISTS
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,25 @@ class RunOptions:
     rejects_path: Path | None = None
 
 
+@dataclass
+class _RunState:
+    """What the phases of one run share, set up by ``CatalogueRun._prepare``."""
+
+    resumed_from: Checkpoint | None  # None: a new run (or one started over)
+    lane: Lane
+    nightly: bool  # a bulk run: registered, snapshotted, with deletes
+    already: set[str]  # job ids the ledger holds: published before the resume
+    batches: ConfirmedBatches
+    checkpoints: CheckpointWriter
+    rejects: RejectsFile | None
+
+
 class CatalogueRun:
+    """One run of ``options``; ``on_confirmed`` is called with each batch the broker confirmed.
+
+    ``metrics`` counts what the run read and published (default: a registry nobody serves).
+    """
+
     def __init__(
         self,
         options: RunOptions,
@@ -98,65 +118,46 @@ class CatalogueRun:
         storage: Storage,
         registry: RunRegistry,
         on_confirmed: OnConfirmed | None = None,
+        metrics: ProducerMetrics | None = None,
     ) -> None:
         self.o = options
         self.broker = broker
         self.storage = storage
         self.registry = registry
         self.on_confirmed = on_confirmed
+        self.metrics = metrics or ProducerMetrics()
         self.log = get_logger("producer", run_id=options.run_id, source=options.source)
         self._deletes_in_ledger = 0
 
     async def run(self, open_source: OpenSource) -> PublishReport:
-        o = self.o
         started_s = time.monotonic()
+        state = await self._prepare()
+        counts, deleted, rejects_kept = await self._phases(open_source, state)
+        await self._record_published(state, counts, deleted)
+        return self._report(state, counts, deleted, rejects_kept, time.monotonic() - started_s)
+
+    # -- set-up ------------------------------------------------------------------------
+
+    async def _prepare(self) -> _RunState:
+        """Resume state, registration, the publisher, the checkpoints and the rejects file."""
+        o = self.o
         checkpoint, record = self._resume_state()
-        lane = Lane(checkpoint.lane) if checkpoint else o.lane
-        catalogue = checkpoint.catalogue if checkpoint else o.catalogue
+        base = self._base_checkpoint(checkpoint, record)
+        lane = Lane(base.lane)
         nightly = lane is Lane.BULK
-        if checkpoint and checkpoint.source and checkpoint.source != o.source:
-            self.log.warning("resuming from another source", recorded=checkpoint.source)
-        started_at_s = (
-            record.started_at_s
-            if record
-            else checkpoint.started_at_s
-            if checkpoint
-            else time.time()
-        )
-        base = checkpoint or Checkpoint(
-            o.run_id,
-            lane=lane.value,
-            catalogue=catalogue,
-            source=o.source,
-            started_at_s=started_at_s,
-        )
-        metrics.RUN_INFO.labels(o.run_id, catalogue, lane.value).set(1)
+        self.metrics.run_info.labels(o.run_id, base.catalogue, lane.value).set(1)
         if nightly:
             # Before the first publish: workers may write segments of the run at once, and
             # `index finalize` must see the run and that it is still publishing.
             counts = PublishCounts.from_checkpoint(base)
             self._save_record(base, STATE_PUBLISHING, counts, base.deletes_confirmed)
-        # Everything published since the checkpoint is in the ledger. Without a checkpoint
-        # nothing was published: the first one is written before the first publish.
-        already = (
-            await self.broker.ledger_job_ids(o.run_id, since=checkpoint.ledger_position)
-            if checkpoint
-            else set()
-        )
-        if checkpoint:
-            already -= set(checkpoint.unconfirmed_job_ids)
-            self.log.info(
-                "resuming",
-                phase=checkpoint.phase,
-                rows_consumed=checkpoint.rows_consumed,
-                jobs_confirmed=checkpoint.jobs_confirmed,
-                in_ledger=len(already),
-            )
+        already = await self._already_published(checkpoint)
         batches = ConfirmedBatches(
             self.broker,
             ledger=o.run_id,
             in_flight=o.in_flight,
             limiter=TokenBucket(o.max_rate_per_s, burst=max(o.max_rate_per_s, o.batch_size)),
+            metrics=self.metrics,
             on_confirmed=self.on_confirmed,
         )
         rejects = (
@@ -171,46 +172,13 @@ class CatalogueRun:
             batches,
             base,
             interval_s=o.checkpoint_interval_s,
+            metrics=self.metrics,
             rejects=rejects,
             on_saved=self._progress_record if nightly else None,
         )
         if checkpoint is None:
             await checkpoints.write()
-        report = PublishReport(
-            run_id=o.run_id,
-            lane=lane.value,
-            resumed_from_row=checkpoint.rows_consumed if checkpoint else None,
-        )
-        try:
-            counts, snapshot, rejects_kept = await self._upserts(
-                open_source, checkpoints, batches, already, rejects, nightly
-            )
-            report.rejects = rejects_kept
-            deleted = await self._deletes(checkpoints, batches, already, snapshot, nightly)
-            if checkpoints.current.phase != PHASE_PUBLISHED:
-                await checkpoints.write(phase=PHASE_PUBLISHED)
-        except BaseException:
-            if batches.unconfirmed_job_ids:
-                with contextlib.suppress(Exception):  # the original error matters more
-                    await checkpoints.record_failed_publishes()
-            raise
-        finally:
-            if rejects is not None:
-                rejects.close()
-        cp = checkpoints.current
-        # The ledger first: once the run reads as published nothing would drop it, and a
-        # resume past the published checkpoint publishes nothing, so needs no ledger.
-        await self.broker.drop_ledger(o.run_id)
-        if nightly:
-            self._save_record(cp, STATE_PUBLISHED, counts, deleted)
-        report.rows, report.items, report.jobs = counts.rows, counts.items, counts.jobs
-        report.rejected, report.duplicate_images = counts.rejected, counts.duplicate_images
-        report.already_published = counts.already_published + self._deletes_in_ledger
-        report.deleted = deleted
-        report.previous_run_id = checkpoints.current.previous_run_id
-        report.elapsed_s = time.monotonic() - started_s
-        self.log.info("run published", **report.as_dict())
-        return report
+        return _RunState(checkpoint, lane, nightly, already, batches, checkpoints, rejects)
 
     def _resume_state(self) -> tuple[Checkpoint | None, RunRecord | None]:
         o = self.o
@@ -234,20 +202,70 @@ class CatalogueRun:
             raise RunExistsError(f"run {o.run_id!r} is published already")
         return checkpoint, record
 
+    def _base_checkpoint(
+        self, checkpoint: Checkpoint | None, record: RunRecord | None
+    ) -> Checkpoint:
+        """The resume point; a new run's first one keeps a started-over run's start time."""
+        o = self.o
+        if checkpoint is not None:
+            if checkpoint.source and checkpoint.source != o.source:
+                self.log.warning("resuming from another source", recorded=checkpoint.source)
+            return checkpoint
+        return Checkpoint(
+            o.run_id,
+            lane=o.lane.value,
+            catalogue=o.catalogue,
+            source=o.source,
+            started_at_s=record.started_at_s if record else time.time(),
+        )
+
+    async def _already_published(self, checkpoint: Checkpoint | None) -> set[str]:
+        """Everything published since the checkpoint is in the ledger. Without a checkpoint
+        nothing was published: the first one is written before the first publish."""
+        if checkpoint is None:
+            return set()
+        already = await self.broker.ledger_job_ids(self.o.run_id, since=checkpoint.ledger_position)
+        already -= set(checkpoint.unconfirmed_job_ids)
+        self.log.info(
+            "resuming",
+            phase=checkpoint.phase,
+            rows_consumed=checkpoint.rows_consumed,
+            jobs_confirmed=checkpoint.jobs_confirmed,
+            in_ledger=len(already),
+        )
+        return already
+
+    # -- phases ------------------------------------------------------------------------
+
+    async def _phases(
+        self, open_source: OpenSource, state: _RunState
+    ) -> tuple[PublishCounts, int, list[RejectedRow]]:
+        """Upserts, deletes, the published checkpoint: (counts, deletes, rejects kept)."""
+        checkpoints = state.checkpoints
+        try:
+            counts, snapshot, rejects_kept = await self._upserts(open_source, state)
+            deleted = await self._deletes(state, snapshot)
+            if checkpoints.current.phase != PHASE_PUBLISHED:
+                await checkpoints.write(phase=PHASE_PUBLISHED)
+        except BaseException:
+            if state.batches.unconfirmed_job_ids:
+                with contextlib.suppress(Exception):  # the original error matters more
+                    await checkpoints.record_failed_publishes()
+            raise
+        finally:
+            if state.rejects is not None:
+                state.rejects.close()
+        return counts, deleted, rejects_kept
+
     async def _upserts(
-        self,
-        open_source: Callable[[], AbstractContextManager[CatalogueSource]],
-        checkpoints: CheckpointWriter,
-        batches: ConfirmedBatches,
-        already: set[str],
-        rejects: RejectsFile | None,
-        nightly: bool,
+        self, open_source: OpenSource, state: _RunState
     ) -> tuple[PublishCounts, ImageSnapshot | None, list[RejectedRow]]:
         o = self.o
+        checkpoints = state.checkpoints
         cp = checkpoints.current
         counts = PublishCounts.from_checkpoint(cp)
         if cp.phase != PHASE_UPSERTS:
-            snapshot = load_snapshot(self.storage, o.run_id) if nightly else None
+            snapshot = load_snapshot(self.storage, o.run_id) if state.nightly else None
             return counts, snapshot, []
         capacity = self.broker.ledger_capacity(o.batch_size)
         phase = UpsertPhase(
@@ -256,11 +274,12 @@ class CatalogueRun:
             batch_size=o.batch_size,
             builder=SnapshotBuilder(),
             counts=counts,
-            batches=batches,
+            batches=state.batches,
+            metrics=self.metrics,
             checkpoints=checkpoints,
             capacity_calls=capacity,
-            already_published=already,
-            rejects=rejects,
+            already_published=state.already,
+            rejects=state.rejects,
             log=self.log,
             progress_interval_s=o.progress_interval_s,
         )
@@ -268,7 +287,7 @@ class CatalogueRun:
             await phase.run(source)
         snapshot = None
         previous: RunRecord | None = None
-        if nightly:
+        if state.nightly:
             snapshot = phase.builder.finish()
             await asyncio.to_thread(save_snapshot, self.storage, o.run_id, snapshot)
             if o.delete_missing:
@@ -280,19 +299,13 @@ class CatalogueRun:
         )
         return counts, snapshot, phase.rejects_kept
 
-    async def _deletes(
-        self,
-        checkpoints: CheckpointWriter,
-        batches: ConfirmedBatches,
-        already: set[str],
-        snapshot: ImageSnapshot | None,
-        nightly: bool,
-    ) -> int:
+    async def _deletes(self, state: _RunState, snapshot: ImageSnapshot | None) -> int:
         o = self.o
+        checkpoints, batches = state.checkpoints, state.batches
         cp = checkpoints.current
         if cp.phase == PHASE_PUBLISHED:
             return cp.deletes_confirmed
-        if not (nightly and o.delete_missing and cp.previous_run_id):
+        if not (state.nightly and o.delete_missing and cp.previous_run_id):
             return 0
         previous = load_snapshot(self.storage, cp.previous_run_id)
         if previous is None:
@@ -314,7 +327,7 @@ class CatalogueRun:
         ):
             if capacity is not None and batches.calls_since_mark + 1 > capacity:
                 await checkpoints.write(deletes_confirmed=done - len(batch))
-            fresh = [job for job in batch if job.job_id not in already]
+            fresh = [job for job in batch if job.job_id not in state.already]
             self._deletes_in_ledger += len(batch) - len(fresh)
             await batches.submit(fresh)
             if checkpoints.due():
@@ -324,6 +337,46 @@ class CatalogueRun:
             phase=PHASE_PUBLISHED, deletes_planned=len(gone), deletes_confirmed=len(gone)
         )
         return len(gone)
+
+    # -- the end -----------------------------------------------------------------------
+
+    async def _record_published(
+        self, state: _RunState, counts: PublishCounts, deleted: int
+    ) -> None:
+        # The ledger first: once the run reads as published nothing would drop it, and a
+        # resume past the published checkpoint publishes nothing, so needs no ledger.
+        await self.broker.drop_ledger(self.o.run_id)
+        if state.nightly:
+            self._save_record(state.checkpoints.current, STATE_PUBLISHED, counts, deleted)
+
+    def _report(
+        self,
+        state: _RunState,
+        counts: PublishCounts,
+        deleted: int,
+        rejects_kept: list[RejectedRow],
+        elapsed_s: float,
+    ) -> PublishReport:
+        resumed = state.resumed_from
+        report = PublishReport(
+            run_id=self.o.run_id,
+            lane=state.lane.value,
+            rows=counts.rows,
+            items=counts.items,
+            jobs=counts.jobs,
+            deleted=deleted,
+            duplicate_images=counts.duplicate_images,
+            rejected=counts.rejected,
+            already_published=counts.already_published + self._deletes_in_ledger,
+            resumed_from_row=resumed.rows_consumed if resumed else None,
+            previous_run_id=state.checkpoints.current.previous_run_id,
+            elapsed_s=elapsed_s,
+            rejects=rejects_kept,
+        )
+        self.log.info("run published", **report.as_dict())
+        return report
+
+    # -- the run file ------------------------------------------------------------------
 
     def _progress_record(self, cp: Checkpoint) -> None:
         # The run file follows the checkpoints, so `imgfleet status` sees the run grow.
@@ -355,6 +408,7 @@ async def dry_run(
     *,
     storage: Storage | None = None,
     registry: RunRegistry | None = None,
+    metrics: ProducerMetrics | None = None,
 ) -> tuple[PublishReport, dict[str, object]]:
     """Read and check the whole catalogue, count what a run would publish; send nothing.
 
@@ -373,6 +427,7 @@ async def dry_run(
         builder=SnapshotBuilder(),
         counts=counts,
         batches=None,
+        metrics=metrics or ProducerMetrics(),
         rejects=rejects,
         log=log,
         progress_interval_s=o.progress_interval_s,

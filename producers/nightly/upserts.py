@@ -23,23 +23,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-import producers.nightly.metrics as metrics
 from common.brokers.base import Broker
 from common.errors import ConfigError
-from common.identity import image_id_for, job_id_for
+from common.identity import image_id_for
 from common.observability.logging import get_logger
+from common.observability.metrics import ProducerMetrics
 from common.observability.progress import Progress
-from common.schema import Job, Lane, Op
+from common.schema import MAX_ITEM_ID_CHARS, MAX_URL_CHARS, Job, Lane
 from producers.catalogue.reader import CatalogueItem, RejectedRow, open_catalogue
 from producers.catalogue.rejects import RejectsFile
 from producers.catalogue.threaded import chunks_in_thread
+from producers.jobs import upsert_job, upsert_job_id
 from producers.nightly.batches import ConfirmedBatches
 from producers.nightly.checkpoint import Checkpoint, CheckpointWriter
 from producers.nightly.rate_limit import TokenBucket
 from producers.nightly.snapshot import SnapshotBuilder
 
-MAX_ITEM_ID_CHARS = 512  # the job schema's limits, checked per row so a bad row is rejected
-MAX_URL_CHARS = 8192
 CHUNK_ROWS = 1000
 MAX_REJECTS_KEPT = 1000  # in the report; the rejects file has all of them
 MAX_REJECTS_LOGGED = 20
@@ -53,28 +52,9 @@ class CatalogueSource(Protocol):
     def fraction_done(self) -> float | None: ...
 
 
-def jobs_for_item(item: CatalogueItem, run_id: str, lane: Lane = Lane.BULK) -> list[Job]:
-    """One job per image; the image key is the image's position, stable across runs."""
-    jobs = []
-    for position, url in enumerate(item.image_urls):
-        key = str(position)
-        jobs.append(
-            Job(
-                job_id=job_id_for(run_id, image_id_for(item.item_id, key), Op.UPSERT.value),
-                run_id=run_id,
-                item_id=item.item_id,
-                image_key=key,
-                url=url,
-                version=item.version,
-                lane=lane,
-                etag=item.etag,
-            )
-        )
-    return jobs
-
-
 def row_problem(item: CatalogueItem) -> str | None:
-    """Why an item cannot become jobs (the job schema's limits), or None."""
+    """Why an item cannot become jobs (the job schema's limits, checked per row so a bad
+    row is rejected), or None."""
     if len(item.item_id) > MAX_ITEM_ID_CHARS:
         return f"item id longer than {MAX_ITEM_ID_CHARS} characters"
     for url in item.image_urls:
@@ -208,6 +188,7 @@ class UpsertPhase:
         builder: SnapshotBuilder,
         counts: PublishCounts,
         batches: ConfirmedBatches | None,
+        metrics: ProducerMetrics,
         checkpoints: CheckpointWriter | None = None,
         capacity_calls: int | None = None,
         already_published: set[str] | None = None,
@@ -222,6 +203,7 @@ class UpsertPhase:
         self.counts = counts
         self.skip_rows = counts.rows
         self.batches = batches
+        self.metrics = metrics
         self.checkpoints = checkpoints
         self.capacity_calls = capacity_calls
         self.already = already_published or set()
@@ -269,9 +251,9 @@ class UpsertPhase:
         done = fraction()
         rate = (self.counts.jobs - self._jobs_at_start) / elapsed_s
         eta_s = progress.eta_s()
-        metrics.RATE.set(rate)
-        metrics.FRACTION_DONE.set(-1 if done is None else done)
-        metrics.ETA.set(-1 if eta_s is None else eta_s)
+        self.metrics.publish_rate.set(rate)
+        self.metrics.fraction_done.set(-1 if done is None else done)
+        self.metrics.eta.set(-1 if eta_s is None else eta_s)
         return {
             "jobs": self.counts.jobs,
             "jobs_per_s": round(rate, 1),
@@ -330,19 +312,18 @@ class UpsertPhase:
         jobs: list[Job] = []
         new_images = np.flatnonzero(images.fresh).tolist()
         for index in new_images:
-            item = items[images.item_of[index]]
-            position = images.keys[index]
-            key = str(position)
-            job_id = job_id_for(self.run_id, images.image_ids[index], Op.UPSERT.value)
-            if job_id in self.already:
+            image_id = images.image_ids[index]
+            if self.already and upsert_job_id(self.run_id, image_id) in self.already:
                 delta.already_published += 1
                 continue
+            item = items[images.item_of[index]]
+            position = images.keys[index]
             jobs.append(
-                Job(
-                    job_id=job_id,
+                upsert_job(
                     run_id=self.run_id,
+                    image_id=image_id,
                     item_id=item.item_id,
-                    image_key=key,
+                    image_key=str(position),
                     url=item.image_urls[position],
                     version=item.version,
                     lane=self.lane,
@@ -355,10 +336,7 @@ class UpsertPhase:
         for reject in rejects:
             self._reject(reject)
         self.counts.add(delta)
-        metrics.ROWS.labels("item").inc(delta.items)
-        metrics.ROWS.labels("rejected").inc(delta.rejected)
-        metrics.JOBS_SKIPPED.labels("duplicate").inc(delta.duplicate_images)
-        metrics.JOBS_SKIPPED.labels("already_published").inc(delta.already_published)
+        self._count(delta)
         if self.batches is None:
             return  # a dry run: counted, never sent
         self._outgoing.extend(jobs)
@@ -368,6 +346,13 @@ class UpsertPhase:
                 self._outgoing[self.batch_size :],
             )
             await self.batches.submit(batch)
+
+    def _count(self, delta: PublishCounts) -> None:
+        m = self.metrics
+        m.rows.labels("item").inc(delta.items)
+        m.rows.labels("rejected").inc(delta.rejected)
+        m.jobs_skipped.labels("duplicate").inc(delta.duplicate_images)
+        m.jobs_skipped.labels("already_published").inc(delta.already_published)
 
     async def _make_room(self, new_jobs: int) -> None:
         """Checkpoint first if this chunk's publishes could push the ledger past its bound."""
@@ -410,12 +395,19 @@ async def publish_catalogue(
     batch_size: int = 500,
     rejects_path: str | Path | None = None,
     in_flight: int = 4,
+    metrics: ProducerMetrics | None = None,
 ) -> PublishReport:
-    """Publish a catalogue file once, without run registration, checkpoints or deletes."""
+    """Publish a catalogue file once, without run registration, checkpoints or deletes.
+
+    ``metrics`` counts what was read and published (default: a registry nobody serves).
+    """
     log = get_logger("producer", run_id=run_id, source=str(path))
     started_s = time.monotonic()
     counts = PublishCounts()
-    batches = ConfirmedBatches(broker, ledger=None, in_flight=in_flight, limiter=TokenBucket(0))
+    metrics = metrics or ProducerMetrics()
+    batches = ConfirmedBatches(
+        broker, ledger=None, in_flight=in_flight, limiter=TokenBucket(0), metrics=metrics
+    )
     rejects = RejectsFile(rejects_path) if rejects_path else None
     phase = UpsertPhase(
         run_id=run_id,
@@ -424,6 +416,7 @@ async def publish_catalogue(
         builder=SnapshotBuilder(),
         counts=counts,
         batches=batches,
+        metrics=metrics,
         rejects=rejects,
         log=log,
     )

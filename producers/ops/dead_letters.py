@@ -312,7 +312,7 @@ class RunDeadLetters:
     """A run's dead letters as run accounting needs them."""
 
     image_ids: set[int] = field(default_factory=set)
-    unreadable: int = 0  # letters tagged with the run whose body is not a job
+    unreadable: int = 0  # letters of the run whose body is not a job
     reason_by_image: dict[int, str] = field(default_factory=dict)
     unreadable_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -323,7 +323,13 @@ class RunDeadLetters:
 
 
 def dead_letters_by_run(letters: Iterable[DeadLetter]) -> dict[str, RunDeadLetters]:
-    """Per run id: the image ids of its dead-lettered jobs (copies of one image count once)."""
+    """Per run id: the image ids of its dead-lettered jobs (copies of one image count once).
+
+    The one definition of a run's dead letters (``imgfleet status`` and ``index finalize``
+    count by it): a letter belongs to the run its job names, whatever its header says; a
+    letter whose body is not a job belongs to the run its header names, and is counted as
+    unreadable (its image is unknown).
+    """
     runs: dict[str, RunDeadLetters] = {}
     for letter in letters:
         job = job_of(letter)
@@ -338,3 +344,8 @@ def dead_letters_by_run(letters: Iterable[DeadLetter]) -> dict[str, RunDeadLette
             entry.image_ids.add(job.image_id)
             entry.reason_by_image.setdefault(job.image_id, letter.reason)
     return runs
+
+
+def run_dead_letters(letters: Iterable[DeadLetter], run_id: str) -> RunDeadLetters:
+    """One run's dead letters, by the definition of ``dead_letters_by_run``."""
+    return dead_letters_by_run(letters).get(run_id) or RunDeadLetters()

@@ -19,8 +19,8 @@ from common.brokers.kafka.client import LogReader, client_settings
 from common.brokers.kafka.topics import KafkaTopics
 from common.config import BrokerConfig
 from common.schema import Job, decode_job
-from common.storage.base import LocalStorage
-from imgfleet.cli.produce import IndexRunRegistry
+from common.storage.local import LocalStorage
+from imgfleet.run_registry import IndexRunRegistry
 from index.runs import read_run
 from producers.catalogue.reader import open_catalogue
 from producers.nightly.checkpoint import load_checkpoint

@@ -35,8 +35,8 @@ from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.brokers.rabbitmq.ledger import ledger_queue
 from common.config import BrokerConfig
 from common.schema import Job, Op, decode_job
-from common.storage.base import LocalStorage
-from imgfleet.cli.produce import KILL_AFTER_JOBS_ENV, IndexRunRegistry
+from common.storage.local import LocalStorage
+from imgfleet.run_registry import IndexRunRegistry
 from index.runs import read_run
 from index.segments import SegmentWriter, VectorRecord
 from producers.catalogue.reader import open_catalogue
@@ -44,6 +44,7 @@ from producers.nightly.checkpoint import load_checkpoint
 from producers.nightly.run import CatalogueRun, RunOptions
 from producers.nightly.upserts import PublishReport
 from tests.support.catalogue_factory import Written, write_catalogue
+from tests.support.faulty_cli import FAULTY_CLI, KILL_AFTER_JOBS_ENV
 from tests.support.rabbitmq import RabbitFleet, broker_config
 from tests.support.waiting import wait_for
 
@@ -74,7 +75,7 @@ def _imgfleet(
     env: dict[str, str], *args: str, timeout_s: float = 300
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "imgfleet", *args],
+        [sys.executable, "-m", FAULTY_CLI if KILL_AFTER_JOBS_ENV in env else "imgfleet", *args],
         env=env,
         cwd=REPO_ROOT,
         capture_output=True,

@@ -26,16 +26,16 @@ from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.config import Settings, load_settings
 from common.identity import image_id_for
 from common.schema import Job, Lane, Op, decode_job
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.factories import make_broker, make_storage
-from index.build import build_generation
+from index.publish import build_generation
 from index.search import Searcher
 from producers.cms.app import Intake
 from producers.cms.client import CmsClient, CmsRequestError
 from producers.cms.idempotency import Claim, IdempotencyStore
 from producers.cms.runtime import IntakeSettings
-from tests.integration.conftest import REPO_ROOT
 from tests.support.cms_server import IntakeThread
+from tests.support.fleet import REPO_ROOT
 from tests.support.rabbitmq import RabbitFleet, broker_config, rabbit_settings
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_for

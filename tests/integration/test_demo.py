@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPO_ROOT
+from tests.support.fleet import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

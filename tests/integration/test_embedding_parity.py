@@ -27,8 +27,7 @@ from common.identity import image_id_for
 from imgfleet.demo.corpus import GOOD_KINDS, make_corpus
 from imgfleet.demo.image_server import ImageServer
 from imgfleet.demo.run import demo_settings
-from imgfleet.factories import make_broker, make_storage
-from imgfleet.wiring import make_embedder, run_worker
+from imgfleet.factories import make_broker, make_embedder, make_storage, run_worker
 from index.segments import list_segments, read_segment
 from producers.nightly.upserts import publish_catalogue
 from workers.decode.cpu import decode_image

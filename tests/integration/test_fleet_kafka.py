@@ -23,10 +23,10 @@ from common.brokers.base import DeadLetter
 from common.brokers.kafka.broker import KafkaBroker
 from common.identity import image_id_for
 from common.schema import SCHEMA_VERSION, Job, Lane, decode_job
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.demo.corpus import GOOD_KINDS
 from imgfleet.demo.run import check_outcomes
-from index.build import build_generation
+from index.publish import build_generation
 from index.search import Searcher
 from index.segments import list_segments, read_segment
 from tests.support.kafka import KafkaFleet

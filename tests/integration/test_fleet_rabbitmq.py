@@ -22,9 +22,9 @@ from PIL import Image
 from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.identity import image_id_for
 from common.schema import SCHEMA_VERSION, Job, Lane, decode_job
-from common.storage.base import LocalStorage
-from imgfleet.demo.image_server import ImageServer
+from common.storage.local import LocalStorage
 from index.segments import list_segments, read_segment
+from tests.support.faulty_image_server import FaultyImageServer
 from tests.support.rabbitmq import RabbitFleet, drain_image_ids
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_for
@@ -158,7 +158,7 @@ def test_poison_jobs_dead_letter_once_and_transient_failures_recover(
         Image.new("RGB", (300, 200), colour).save(images / name, "JPEG")
     (images / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50)
 
-    with ImageServer(tmp_path) as server:
+    with FaultyImageServer(tmp_path) as server:
         server.fail_next("flaky.jpg", 503, times=2)
 
         def job(item: str, name: str) -> Job:
@@ -209,7 +209,7 @@ def test_a_live_job_overtakes_20k_bulk_jobs_and_sigterm_loses_nothing(
     image.parent.mkdir()
     Image.new("RGB", (320, 240), "orange").save(image, "JPEG")
     n_bulk = 20_000
-    with ImageServer(tmp_path) as server:
+    with FaultyImageServer(tmp_path) as server:
         url = f"{server.base_url}/one/product.jpg"
         bulk = [Job(item_id=f"bulk-{i}", url=url) for i in range(n_bulk)]
         live = Job(item_id="cms-change", url=url, lane=Lane.LIVE)

@@ -22,12 +22,12 @@ from common.brokers.local.broker import LocalBroker
 from common.config import load_settings
 from common.identity import image_id_for
 from common.schema import Job
-from common.storage.base import LocalStorage
-from imgfleet.demo.image_server import ImageServer
-from imgfleet.inspect import inspect_inputs
-from imgfleet.wiring import run_worker
-from index.build import build_generation
+from common.storage.local import LocalStorage
+from imgfleet.cli.inspect import inspect_inputs
+from imgfleet.factories import run_worker
+from index.publish import build_generation
 from index.search import Searcher
+from tests.support.faulty_image_server import FaultyImageServer
 
 pytestmark = pytest.mark.integration
 
@@ -135,7 +135,7 @@ def test_every_odd_image_ends_with_the_right_outcome(tmp_path: Path) -> None:
         },
         index={"n_shards": 2},
     )
-    with ImageServer(tmp_path) as server:
+    with FaultyImageServer(tmp_path) as server:
         server.drip("slow-drip.jpg", chunk_bytes=256, interval_s=0.1)
         server.gzip_bomb("gzip-bomb.jpg", inflated_bytes=1 << 30)
         server.redirect("loop.jpg", "/images/loop.jpg")

@@ -20,11 +20,11 @@ import pytest
 import imgfleet.cli.ops as cli_ops
 from common.brokers.local.broker import LocalBroker
 from common.schema import Job, Lane, decode_job
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.cli import main
 from index.runs import RunInfo, write_run
 from index.segments import SegmentWriter, VectorRecord
-from tests.integration.conftest import REPO_ROOT
+from tests.support.fleet import REPO_ROOT
 from tests.support.waiting import take_deliveries
 
 pytestmark = pytest.mark.integration

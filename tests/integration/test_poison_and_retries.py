@@ -12,11 +12,11 @@ from PIL import Image
 from common.brokers.local.broker import LocalBroker
 from common.config import load_settings
 from common.schema import SCHEMA_VERSION, Job, Lane, Op
-from common.storage.base import LocalStorage
-from imgfleet.demo.image_server import ImageServer
-from imgfleet.wiring import run_worker
-from index.build import build_generation
+from common.storage.local import LocalStorage
+from imgfleet.factories import run_worker
+from index.publish import build_generation
 from index.search import Searcher
+from tests.support.faulty_image_server import FaultyImageServer
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_each_poison_job_dead_letters_once_and_transient_ones_recover(tmp_path: 
     (images / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00garbage" * 50)
     settings = _settings(tmp_path)
 
-    with ImageServer(tmp_path) as server:
+    with FaultyImageServer(tmp_path) as server:
         server.fail_next("flaky.jpg", 503, times=2)  # recovers on the third try
         server.fail_next("down.jpg", 503, times=100)  # never recovers
 

@@ -13,12 +13,12 @@ from PIL import Image
 from common.brokers.local.broker import LocalBroker
 from common.config import load_settings
 from common.schema import Job
-from common.storage.base import LocalStorage
-from imgfleet.demo.image_server import ImageServer
-from imgfleet.wiring import run_worker
-from index.build import build_generation
+from common.storage.local import LocalStorage
+from imgfleet.factories import run_worker
+from index.publish import build_generation
 from index.search import Searcher
 from index.segments import list_segments, read_segment
+from tests.support.faulty_image_server import FaultyImageServer as ImageServer
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,11 @@ import pytest
 
 from common.brokers.local.broker import LocalBroker
 from common.schema import decode_job
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.demo.run import check_outcomes
-from index.build import build_generation
+from index.publish import build_generation
 from index.search import Searcher
-from tests.integration.conftest import Fleet
+from tests.support.fleet import Fleet
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration

@@ -23,9 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.identity import image_id_for
 from common.schema import Job, decode_job
-from common.storage.base import LocalStorage
-from imgfleet.demo.image_server import ImageServer
+from common.storage.local import LocalStorage
 from index.segments import list_segments, read_segment
+from tests.support.faulty_image_server import FaultyImageServer
 from tests.support.rabbitmq import RabbitFleet, drain_image_ids, served_fleet
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_for
@@ -38,7 +38,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture
 def served(
     tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str
-) -> Iterator[tuple[RabbitFleet, ImageServer]]:
+) -> Iterator[tuple[RabbitFleet, FaultyImageServer]]:
     with served_fleet(tmp_path, rabbitmq_url, rabbit_prefix, items=40, seed=5) as served:
         yield served
 
@@ -162,7 +162,7 @@ def assert_structured(output: str) -> list[dict[str, object]]:
 
 
 def test_metrics_equal_the_real_outcomes(
-    served: tuple[RabbitFleet, ImageServer], tmp_path: Path
+    served: tuple[RabbitFleet, FaultyImageServer], tmp_path: Path
 ) -> None:
     fleet, server = served
     jobs = catalogue_jobs(fleet.catalogue)
@@ -248,7 +248,7 @@ def test_metrics_equal_the_real_outcomes(
 
 
 def test_sigterm_mid_run_drains_within_the_deadline_and_loses_nothing(
-    served: tuple[RabbitFleet, ImageServer], tmp_path: Path
+    served: tuple[RabbitFleet, FaultyImageServer], tmp_path: Path
 ) -> None:
     fleet, _ = served
     catalogue = fleet.write_big_catalogue(400)
@@ -285,7 +285,7 @@ def test_sigterm_mid_run_drains_within_the_deadline_and_loses_nothing(
 
 
 def test_readiness_follows_the_broker_and_the_worker_gives_up(
-    served: tuple[RabbitFleet, ImageServer], tmp_path: Path
+    served: tuple[RabbitFleet, FaultyImageServer], tmp_path: Path
 ) -> None:
     fleet, _ = served
     port_file = tmp_path / "metrics.port"
@@ -334,7 +334,7 @@ def test_readiness_follows_the_broker_and_the_worker_gives_up(
 
 
 def test_refused_credentials_exit_2_without_the_password_in_any_line(
-    served: tuple[RabbitFleet, ImageServer],
+    served: tuple[RabbitFleet, FaultyImageServer],
 ) -> None:
     fleet, _ = served
     password = f"pw-{uuid.uuid4().hex}"

@@ -27,13 +27,13 @@ from common.brokers.base import DeadLetter
 from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.config import BrokerConfig, load_settings
 from common.identity import image_id_for
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.demo.corpus import EXPECTED_REASON_BY_KIND, make_corpus
-from imgfleet.demo.image_server import ImageServer
-from index.build import build_generation
+from index.publish import build_generation
 from index.search import Searcher
 from tests.conftest import require_service
-from tests.integration.conftest import REPO_ROOT, Fleet
+from tests.support.faulty_image_server import FaultyImageServer as ImageServer
+from tests.support.fleet import REPO_ROOT, Fleet
 
 RABBITMQ_URL = os.environ.get("IMGFLEET_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 

@@ -25,18 +25,19 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import pyvips
 from PIL import Image, ImageFile, ImageOps
 
+from common.config import WorkerConfig
 from common.errors import JobFailure, PermanentError, Reason, TransientError
 from workers.decode.preprocess import INPUT_SIZE, resize_and_crop, to_rgb
+from workers.decode.types import DecodeResult
 
-DEFAULT_MAX_PIXELS = 50_000_000
-DEFAULT_MIN_DECODED_FRACTION = 0.5
+# The configuration's default (worker.max_pixels), for callers that decode without settings.
+DEFAULT_MAX_PIXELS = WorkerConfig().max_pixels
 
 _JPEG_EOI = b"\xff\xd9"
 _PILLOW_FORMATS = {
@@ -57,18 +58,6 @@ _JPEG_FILL_RGB = (128, 128, 128)
 # VP8X feature flags (WebP container spec): animation and EXIF need Pillow's handling.
 _VP8X_ANIMATION = 0x02
 _VP8X_EXIF = 0x08
-
-
-@dataclass
-class DecodeResult:
-    pixels: np.ndarray  # uint8, size x size x 3, RGB, C-contiguous
-    format: str  # from sniff_format
-    width: int  # original, before EXIF rotation
-    height: int
-    recovered: bool  # a truncated file whose decodable part was used
-    decode_ms: float
-    path: str  # which decoder path produced the pixels, e.g. "pillow-draft"
-    decoded_fraction: float = 1.0  # share of the image's rows that were really decoded
 
 
 def configure_decoder_threads() -> None:

@@ -1,28 +1,24 @@
-"""GPU JPEG decode (nvJPEG through ``torchvision.io.decode_jpeg``) and the CPU/GPU router.
+"""GPU JPEG decode (nvJPEG through ``torchvision.io.decode_jpeg``) and the JPEG header checks.
 
-Baseline and progressive 8-bit JPEGs with one or three components go to nvJPEG; PNG,
-WebP, CMYK / Adobe JPEGs, 12-bit and lossless JPEGs, and anything nvJPEG rejects go to the
-CPU pool. The router sends an eligible JPEG to whichever side promises the shorter wait:
-in-flight jobs divided by that side's measured rate (an exponentially weighted average),
-so a saturated GPU spills JPEGs to the CPU and an idle one takes them all.
+Baseline and progressive 8-bit JPEGs with one or three components are ``gpu_eligible``;
+PNG, WebP, CMYK / Adobe JPEGs, 12-bit and lossless JPEGs, and anything nvJPEG rejects go
+to the CPU pool (the choice per image is ``routing.DecodeRouter``'s). ``jpeg_info`` reads
+the frame header alone, so eligibility and the pixel cap cost no decode.
 
-On machines without CUDA (or without torchvision) ``gpu_available()`` is False and the
-router sends everything to the CPU; the routing logic is pure and unit-tested anywhere.
-The GPU resize reproduces ``preprocess.resize_and_crop`` (antialiased bilinear, shorter
-side to ``size``, centre crop with the same rounding).
+On machines without CUDA (or without torchvision) ``gpu_available()`` is False; nothing
+here imports torch until a ``GpuJpegDecoder`` runs. The GPU resize reproduces
+``preprocess.resize_and_crop`` (antialiased bilinear, shorter side to ``size``, centre
+crop with the same rounding).
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from workers.decode.preprocess import INPUT_SIZE, resized_shape
-
-Side = Literal["cpu", "gpu"]
 
 # Start-of-frame markers: 0xC0 baseline, 0xC1 extended sequential, 0xC2 progressive;
 # the rest (lossless, hierarchical, arithmetic coding) are not for nvJPEG.
@@ -81,59 +77,6 @@ def gpu_eligible(data: bytes) -> bool:
         and info.components in (1, 3)
         and not info.adobe
     )
-
-
-@dataclass
-class _SideLoad:
-    in_flight: int = 0
-    rate_per_s: float = 0.0  # EWMA of completed images per second of busy time
-
-
-@dataclass
-class DecodeRouter:
-    """Chooses the decode side per image; thread-safe; feed it completions via ``done``."""
-
-    gpu_available: bool
-    cpu_rate_per_s: float = 100.0  # priors until measurements arrive
-    gpu_rate_per_s: float = 1000.0
-    smoothing: float = 0.2
-    _loads: dict[str, _SideLoad] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        self._loads = {
-            "cpu": _SideLoad(rate_per_s=self.cpu_rate_per_s),
-            "gpu": _SideLoad(rate_per_s=self.gpu_rate_per_s),
-        }
-
-    def expected_wait_s(self, side: Side) -> float:
-        load = self._loads[side]
-        return (load.in_flight + 1) / max(load.rate_per_s, 1e-6)
-
-    def route(self, data: bytes) -> Side:
-        """Pick a side for ``data`` and count it in flight there."""
-        with self._lock:
-            side: Side = "cpu"
-            if (
-                self.gpu_available
-                and gpu_eligible(data)
-                and self.expected_wait_s("gpu") <= self.expected_wait_s("cpu")
-            ):
-                side = "gpu"
-            self._loads[side].in_flight += 1
-            return side
-
-    def done(self, side: Side, images: int, busy_s: float) -> None:
-        """Report ``images`` finished on ``side`` after ``busy_s`` seconds of work."""
-        with self._lock:
-            load = self._loads[side]
-            load.in_flight = max(0, load.in_flight - images)
-            if images > 0 and busy_s > 0:
-                rate = images / busy_s
-                load.rate_per_s += self.smoothing * (rate - load.rate_per_s)
-
-    def in_flight(self, side: Side) -> int:
-        return self._loads[side].in_flight
 
 
 def gpu_available() -> bool:

@@ -39,15 +39,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from common.config import WorkerConfig
 from common.errors import Reason, TransientError, UnrecoverableError
 from common.observability.logging import apply_logging_config, get_logger, logging_config
-from workers.decode.cpu import (
-    DEFAULT_MAX_PIXELS,
-    DecodeResult,
-    configure_decoder_threads,
-    decode_image,
-)
+from workers.decode.cpu import DEFAULT_MAX_PIXELS, configure_decoder_threads, decode_image
+from workers.decode.limits import IN_FLIGHT_PER_PROCESS
 from workers.decode.preprocess import INPUT_SIZE
+from workers.decode.types import DecodeResult
 
 T = TypeVar("T")
 
@@ -75,11 +73,6 @@ def _init_child(log_config: dict[str, Any] | None = None) -> None:
         apply_logging_config(log_config, process="decode", pid=os.getpid())
     configure_decoder_threads()
     _tune_malloc()
-
-
-def _crash_for_test() -> None:
-    """Kill the worker process the way a native decoder crash would (no cleanup)."""
-    os._exit(1)
 
 
 def _ready() -> bool:
@@ -133,12 +126,6 @@ class _Slots:
         self.block.unlink()
 
 
-# Decodes kept in flight per pool process. Two leave a process idle while its next image
-# crosses the event loop and the process boundary: on 2 cores, 2 per process scaled 1.65x
-# from one process to two, 4 per process 1.96x (bench/RESULTS.md).
-IN_FLIGHT_PER_PROCESS = 4
-
-
 class DecodePool:
     def __init__(
         self,
@@ -150,7 +137,7 @@ class DecodePool:
         min_decoded_fraction: float = 0.0,
         start_method: str = "spawn",
         shared_slots: int | None = None,
-        max_restarts: int = 20,
+        max_restarts: int = WorkerConfig().decode_pool_max_restarts,
         on_restart: Callable[[], None] | None = None,
     ) -> None:
         if processes < 1:
@@ -199,9 +186,6 @@ class DecodePool:
 
     async def decode(self, data: bytes) -> DecodeResult:
         return await asyncio.wrap_future(self._submit_decode(data))
-
-    def decode_sync(self, data: bytes) -> DecodeResult:
-        return self._submit_decode(data).result()
 
     def _decode_args(self) -> Callable[[bytes], DecodeResult]:
         # A partial of a module-level function pickles by reference: cheap to send per job.

@@ -1,27 +1,85 @@
 """The decode stage's front: eligible JPEGs to the GPU in small batches, the rest to the pool.
 
-``RoutedDecoder`` looks like the CPU pool to the pipeline (``await decode(bytes)``). Each
-image is routed by ``DecodeRouter`` (shorter expected wait wins); GPU images are gathered
-for up to ``max_wait_s`` or ``max_batch`` images and decoded in one nvJPEG call on a
-thread, and an image nvJPEG rejects is decoded again on the CPU, so the GPU path can only
-add speed, never failures. Images over the pixel cap never reach the GPU: the CPU path
-refuses them from the header with the proper reason.
+``DecodeRouter`` picks the side per image: an eligible JPEG (``nvjpeg.gpu_eligible``) goes
+to whichever side promises the shorter wait, in-flight jobs divided by that side's
+measured rate (an exponentially weighted average), so a saturated GPU spills JPEGs to the
+CPU and an idle one takes them all. Without a GPU everything goes to the CPU; the routing
+logic is pure and unit-tested anywhere.
+
+``RoutedDecoder`` is a ``Decoder`` like the CPU pool it fronts (``await decode(bytes)``).
+GPU images are gathered for up to ``max_wait_s`` or ``max_batch`` images and decoded in
+one nvJPEG call on a thread, and an image nvJPEG rejects is decoded again on the CPU, so
+the GPU path can only add speed, never failures. Images over the pixel cap never reach
+the GPU: the CPU path refuses them from the header with the proper reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import numpy as np
 
-from workers.decode.cpu import DecodeResult
-from workers.decode.nvjpeg import DecodeRouter, jpeg_info
+from workers.decode.nvjpeg import gpu_eligible, jpeg_info
+from workers.decode.types import Decoder, DecodeResult
+
+Side = Literal["cpu", "gpu"]
 
 
-class CpuDecoder(Protocol):
-    async def decode(self, data: bytes) -> DecodeResult: ...
+@dataclass
+class _SideLoad:
+    in_flight: int = 0
+    rate_per_s: float = 0.0  # EWMA of completed images per second of busy time
+
+
+@dataclass
+class DecodeRouter:
+    """Chooses the decode side per image; thread-safe; feed it completions via ``done``."""
+
+    gpu_available: bool
+    cpu_rate_per_s: float = 100.0  # priors until measurements arrive
+    gpu_rate_per_s: float = 1000.0
+    smoothing: float = 0.2
+    _loads: dict[str, _SideLoad] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._loads = {
+            "cpu": _SideLoad(rate_per_s=self.cpu_rate_per_s),
+            "gpu": _SideLoad(rate_per_s=self.gpu_rate_per_s),
+        }
+
+    def expected_wait_s(self, side: Side) -> float:
+        load = self._loads[side]
+        return (load.in_flight + 1) / max(load.rate_per_s, 1e-6)
+
+    def route(self, data: bytes) -> Side:
+        """Pick a side for ``data`` and count it in flight there."""
+        with self._lock:
+            side: Side = "cpu"
+            if (
+                self.gpu_available
+                and gpu_eligible(data)
+                and self.expected_wait_s("gpu") <= self.expected_wait_s("cpu")
+            ):
+                side = "gpu"
+            self._loads[side].in_flight += 1
+            return side
+
+    def done(self, side: Side, images: int, busy_s: float) -> None:
+        """Report ``images`` finished on ``side`` after ``busy_s`` seconds of work."""
+        with self._lock:
+            load = self._loads[side]
+            load.in_flight = max(0, load.in_flight - images)
+            if images > 0 and busy_s > 0:
+                rate = images / busy_s
+                load.rate_per_s += self.smoothing * (rate - load.rate_per_s)
+
+    def in_flight(self, side: Side) -> int:
+        return self._loads[side].in_flight
 
 
 class GpuBatchDecoder(Protocol):
@@ -31,7 +89,7 @@ class GpuBatchDecoder(Protocol):
 class RoutedDecoder:
     def __init__(
         self,
-        cpu: CpuDecoder,
+        cpu: Decoder,
         gpu: GpuBatchDecoder,
         router: DecodeRouter,
         *,
@@ -45,7 +103,6 @@ class RoutedDecoder:
         self.max_pixels = max_pixels
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.gpu_images = 0
         self.gpu_fallbacks = 0  # rejected by nvJPEG, decoded on the CPU instead
         self._pending: list[tuple[bytes, asyncio.Future[np.ndarray | Exception]]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -68,7 +125,6 @@ class RoutedDecoder:
         if isinstance(pixels, Exception):
             self.gpu_fallbacks += 1
             return await self.cpu.decode(data)
-        self.gpu_images += 1
         return DecodeResult(
             pixels=pixels,
             format="jpeg",
@@ -77,6 +133,7 @@ class RoutedDecoder:
             recovered=False,
             decode_ms=(time.perf_counter() - started) * 1000,
             path="nvjpeg",
+            on_gpu=True,
         )
 
     def _submit(self, data: bytes) -> asyncio.Future[np.ndarray | Exception]:

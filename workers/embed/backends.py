@@ -35,7 +35,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Backend(Protocol):
-    """One engine instance. Not thread-safe; the Embedder hands each to one call at a time."""
+    """One engine instance. Not thread-safe; the ModelEmbedder hands each to one call at a time."""
 
     name: str
     precision: str

@@ -114,7 +114,7 @@ class EmbedStats:
             }
 
 
-class Embedder:
+class ModelEmbedder:
     """Runs one loaded model through the best engine this machine has.
 
     Thread-safe: each call borrows one engine instance, so with ``instances`` > 1 (GPU)

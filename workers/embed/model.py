@@ -38,7 +38,6 @@ __all__ = [
     "card_path_for",
     "default_card",
     "load_model",
-    "save_default_as_torchscript",
     "state_dict_sha256",
 ]
 
@@ -224,18 +223,3 @@ def _probe_output_dim(module: nn.Module, input_size: int) -> int:
     if out.ndim != 2 or out.shape[0] != 1:
         raise ConfigError(f"model output has shape {tuple(out.shape)}, expected [N, dim]")
     return int(out.shape[1])
-
-
-def save_default_as_torchscript(
-    path: str | os.PathLike[str], *, name: str = "default-cnn-v1-torchscript"
-) -> ModelCard:
-    """Script the default model to path and write its card next to it; returns the card."""
-    target = Path(path)
-    module = DefaultEmbedder()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(module)
-        torch.jit.save(scripted, str(target))
-    card = ModelCard(name, output_dim=module.output_dim)
-    card.save(card_path_for(target))
-    return card

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError
+from common.files import write_atomic
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -82,7 +82,7 @@ class ModelCard:
         return cls.from_dict(raw)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        atomic_write(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
 
 def card_path_for(model_path: str | os.PathLike[str]) -> Path:
@@ -93,16 +93,3 @@ def card_path_for(model_path: str | os.PathLike[str]) -> Path:
 def _triple(values: Any) -> tuple[float, float, float]:
     a, b, c = (float(v) for v in values)
     return (a, b, c)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """A reader must never see half a file: write aside, then rename over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, Reason, TransientError
+from common.files import write_atomic
 from common.observability.logging import get_logger
-from workers.embed.model_card import CARD_SUFFIX, atomic_write
+from common.storage.s3_client import make_s3_client
+from workers.embed.model_card import CARD_SUFFIX
 
 _log = get_logger(__name__)
 
@@ -57,16 +59,10 @@ def resolve_model_path(
             raise ConfigError(f"model file {local} does not exist")
         return str(local)
     location = parse_s3_model_url(path)
-    client = s3_client or _client(s3_endpoint_url, s3_region)
-    return str(_download(client, location, Path(cache_dir)))
-
-
-def _client(endpoint_url: str, region: str) -> Any:
-    import boto3
-
     # Credentials come from boto3's own chain (environment, profile, instance role): model
     # files are read by the same role that reads images, and secrets stay out of config.
-    return boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region or None)
+    client = s3_client or make_s3_client(endpoint_url=s3_endpoint_url, region=s3_region)
+    return str(_download(client, location, Path(cache_dir)))
 
 
 def _download(client: Any, location: S3Location, cache_dir: Path) -> Path:
@@ -106,6 +102,6 @@ def _download(client: Any, location: S3Location, cache_dir: Path) -> Path:
 def _get(client: Any, bucket: str, key: str, target: Path) -> None:
     body = client.get_object(Bucket=bucket, Key=key)["Body"]
     try:
-        atomic_write(target, body.read())
+        write_atomic(target, body.read())
     finally:
         body.close()

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from common.errors import ConfigError
+from common.files import write_atomic
 from common.observability.logging import get_logger
 from workers.embed.model import LoadedModel, load_model
-from workers.embed.model_card import ModelCard, atomic_write, card_path_for
+from workers.embed.model_card import ModelCard, card_path_for
 
 _log = get_logger(__name__)
 
@@ -81,7 +82,7 @@ def export_onnx(
     finally:
         scratch.unlink(missing_ok=True)
     _check(data, target)
-    atomic_write(target, data)
+    write_atomic(target, data)
     return target
 
 

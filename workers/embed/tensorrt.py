@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from common.errors import ConfigError
+from common.files import write_atomic
 from common.observability.logging import get_logger
-from workers.embed.model_card import ModelCard, atomic_write
+from workers.embed.model_card import ModelCard
 from workers.embed.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 _log = get_logger(__name__)
@@ -173,7 +174,7 @@ def _make_calibrator(images: np.ndarray, card: ModelCard, cache_file: Path, batc
             return cache_file.read_bytes() if cache_file.is_file() else None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            atomic_write(cache_file, bytes(cache))
+            write_atomic(cache_file, bytes(cache))
 
     return _Calibrator()
 
@@ -326,5 +327,5 @@ def load_or_build(
             calibration=calibration,
             calibration_cache=path.with_suffix(".calib"),
         )
-        atomic_write(path, serialized)
+        write_atomic(path, serialized)
     return TrtEngine(serialized, key, device)

@@ -1,4 +1,4 @@
-"""Fetch image bytes over http(s)://, s3:// or file:// URLs, classifying every failure.
+"""Fetch image bytes over http(s)://, classifying every failure.
 
 Safety and bounds, whatever the origin does:
 - every address is checked by the SSRF guard (``url_guard``): IP literals before each
@@ -24,39 +24,26 @@ indexed, ``fetch`` sends If-None-Match / If-Modified-Since and reports a 304 as
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import os
 import random
 import time
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import aiohttp
 
+from common.config import WorkerConfig
 from common.errors import JobFailure, PermanentError, Reason, TransientError
+from workers.fetch.types import FetchResult
 from workers.fetch.url_guard import AddressPolicy, GuardedResolver
-
-if TYPE_CHECKING:
-    from workers.fetch.s3 import S3Fetcher
 
 _CHUNK_BYTES = 64 * 1024
 _USER_AGENT = "imgfleet-fetcher/1"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-
-
-@dataclass
-class FetchResult:
-    data: bytes
-    etag: str | None
-    last_modified: str | None
-    fetch_ms: float
-    not_modified: bool = False  # a conditional request answered 304: data is empty
-    redirects: int = 0
+# Defaults are the configuration's (worker.*), so a fetcher built without settings (tests,
+# benchmarks) behaves like an unconfigured worker's.
+_DEFAULTS = WorkerConfig()
 
 
 def redact_url(url: str) -> str:
@@ -149,24 +136,22 @@ class _BoundedInflater:
         return bytes(out)
 
 
-class Fetcher:
-    """Async fetcher with one shared connection pool; use as `async with Fetcher() as f`."""
+class HttpFetcher:
+    """http(s):// with one shared connection pool; use as ``async with HttpFetcher() as f``."""
 
     def __init__(
         self,
         *,
-        connect_timeout_s: float = 5.0,
-        read_timeout_s: float = 15.0,
-        total_timeout_s: float = 30.0,
-        max_bytes: int = 32 * 2**20,
-        max_redirects: int = 5,
-        per_host_limit: int = 16,
+        connect_timeout_s: float = _DEFAULTS.connect_timeout_s,
+        read_timeout_s: float = _DEFAULTS.read_timeout_s,
+        total_timeout_s: float = _DEFAULTS.total_timeout_s,
+        max_bytes: int = _DEFAULTS.max_download_bytes,
+        max_redirects: int = _DEFAULTS.fetch_max_redirects,
+        per_host_limit: int = _DEFAULTS.fetch_per_host_limit,
         total_limit: int = 64,
         allow_networks: Iterable[str] = (),
-        retries: int = 1,
+        retries: int = _DEFAULTS.fetch_retries,
         retry_backoff_s: float = 0.2,
-        s3: S3Fetcher | None = None,
-        allow_file_urls: bool = True,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
@@ -184,12 +169,15 @@ class Fetcher:
         self.policy = AddressPolicy(allow_networks)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
-        self.s3 = s3
-        self.allow_file_urls = allow_file_urls
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
 
-    async def __aenter__(self) -> Fetcher:
+    async def __aenter__(self) -> HttpFetcher:
+        await self.open()
+        return self
+
+    async def open(self) -> None:
+        """Start the connection pool (what ``async with`` does)."""
         self._resolver = GuardedResolver(self.policy)
         connector = aiohttp.TCPConnector(
             limit=self.total_limit,
@@ -213,7 +201,6 @@ class Fetcher:
             # Bodies are inflated by hand, against the byte cap (see _BoundedInflater).
             auto_decompress=False,
         )
-        return self
 
     async def __aexit__(
         self,
@@ -234,27 +221,13 @@ class Fetcher:
     async def fetch(
         self, url: str, *, etag: str | None = None, last_modified: str | None = None
     ) -> FetchResult:
-        """Fetch url; raise PermanentError/TransientError with a reason code on failure.
+        """Fetch an http(s) URL; raise PermanentError/TransientError with a reason code.
 
         With ``etag`` / ``last_modified`` the request is conditional, and an unchanged
         image comes back as ``not_modified=True`` with no body.
         """
-        try:
-            scheme = urllib.parse.urlsplit(url).scheme.lower()
-        except ValueError:
-            raise PermanentError("unparseable URL", Reason.UNSUPPORTED_URL) from None
         started_s = time.perf_counter()
-        if scheme in ("http", "https"):
-            result = await self._with_retries(url, etag, last_modified)
-        elif scheme == "s3" and self.s3 is not None:
-            result = await self.s3.fetch(url, etag=etag, last_modified=last_modified)
-        elif scheme == "file" and self.allow_file_urls:
-            data, file_etag, file_modified = await asyncio.to_thread(self._read_file, url)
-            result = FetchResult(data, file_etag, file_modified, 0.0)
-        else:
-            raise PermanentError(
-                f"unsupported URL scheme {scheme!r}: {redact_url(url)}", Reason.UNSUPPORTED_URL
-            )
+        result = await self._with_retries(url, etag, last_modified)
         result.fetch_ms = (time.perf_counter() - started_s) * 1000.0
         return result
 
@@ -282,7 +255,7 @@ class Fetcher:
         self, url: str, etag: str | None, last_modified: str | None
     ) -> FetchResult:
         if self._session is None:
-            raise RuntimeError("Fetcher used outside 'async with'")
+            raise RuntimeError("HttpFetcher used outside 'async with'")
         headers = {}
         if etag:
             headers["If-None-Match"] = etag
@@ -387,38 +360,3 @@ class Fetcher:
             resp.close()
             raise
         return bytes(buffer)
-
-    def _read_file(self, url: str) -> tuple[bytes, str | None, str | None]:
-        parts = urllib.parse.urlsplit(url)
-        where = redact_url(url)
-        if parts.netloc not in ("", "localhost"):
-            raise PermanentError(f"file:// URL with a remote host: {where}", Reason.UNSUPPORTED_URL)
-        path = urllib.request.url2pathname(parts.path)
-        try:
-            with open(path, "rb") as handle:
-                stat = os.fstat(handle.fileno())
-                if stat.st_size > self.max_bytes:
-                    raise PermanentError(
-                        f"file is {stat.st_size} bytes > max {self.max_bytes}: {where}",
-                        Reason.TOO_LARGE,
-                    )
-                # Read one byte past the cap: the file may grow between fstat and read.
-                data = handle.read(self.max_bytes + 1)
-        except FileNotFoundError:
-            raise PermanentError(f"file not found: {where}", Reason.HTTP_404) from None
-        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-            raise PermanentError(
-                f"cannot read file ({type(exc).__name__}): {where}", Reason.HTTP_4XX
-            ) from None
-        except OSError as exc:
-            # EIO, stale NFS handles and the like can clear up; let the broker retry.
-            raise TransientError(
-                f"file read failed ({type(exc).__name__}: {exc.strerror}): {where}",
-                Reason.CONNECTION,
-            ) from None
-        if len(data) > self.max_bytes:
-            raise PermanentError(
-                f"file exceeds max {self.max_bytes} bytes: {where}", Reason.TOO_LARGE
-            )
-        last_modified = email.utils.formatdate(stat.st_mtime, usegmt=True)
-        return data, None, last_modified

@@ -18,12 +18,11 @@ import email.utils
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.errors import PermanentError, Reason, TransientError
-
-if TYPE_CHECKING:
-    from workers.fetch.fetcher import FetchResult
+from common.storage.s3_client import make_s3_client
+from workers.fetch.types import FetchResult
 
 _CHUNK_BYTES = 256 * 1024
 
@@ -66,21 +65,15 @@ class S3Fetcher:
     def _get_client(self) -> Any:
         with self._lock:
             if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                self._client = boto3.session.Session().client(
-                    "s3",
+                self._client = make_s3_client(
                     endpoint_url=self.endpoint_url,
-                    region_name=self.region or "us-east-1",
-                    aws_access_key_id=self._access_key_id,
-                    aws_secret_access_key=self._secret_access_key,
-                    config=Config(
-                        connect_timeout=self.connect_timeout_s,
-                        read_timeout=self.read_timeout_s,
-                        retries={"max_attempts": 1, "mode": "standard"},
-                        max_pool_connections=self.max_connections,
-                    ),
+                    region=self.region or "us-east-1",
+                    access_key_id=self._access_key_id,
+                    secret_access_key=self._secret_access_key,
+                    connect_timeout_s=self.connect_timeout_s,
+                    read_timeout_s=self.read_timeout_s,
+                    max_attempts=1,
+                    max_pool_connections=self.max_connections,
                 )
             return self._client
 
@@ -99,8 +92,6 @@ class S3Fetcher:
             NoCredentialsError,
             ReadTimeoutError,
         )
-
-        from workers.fetch.fetcher import FetchResult
 
         started_s = time.perf_counter()
         bucket, key = parse_s3_url(url)

@@ -17,7 +17,7 @@ from common.brokers.kafka.broker import KafkaBroker
 from common.brokers.kafka.topics import KafkaTopics, dlq_headers
 from common.config import BrokerConfig
 from common.schema import Job, Lane, decode_job
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.cli import main
 from index.runs import RunInfo, write_run
 from tests.support.kafka import TansuBroker, broker_config

@@ -1,4 +1,10 @@
-"""The RabbitMQ adapter against the real server: confirms, lanes, retries, DLQ, faults."""
+"""What only the RabbitMQ adapter does, against the real server: jobs packed several to a
+message, the hand-back of a stopped consumer's prefetch, topology declarations, connection
+errors and cuts, and raw bodies beside packed ones.
+
+The semantics every adapter shares are in tests/contract/test_broker_contract.py (where
+RabbitMQ runs with one job per message).
+"""
 
 from __future__ import annotations
 
@@ -47,13 +53,13 @@ async def _nothing_more(stream: AsyncIterator[Delivery], wait_s: float = 1.0) ->
     return False
 
 
-def test_every_published_job_is_consumed_once_and_acked(
+def test_jobs_of_multi_job_messages_are_each_consumed_once_and_acked(
     rabbitmq_url: str, rabbit_prefix: str
 ) -> None:
     async def main() -> None:
         broker = await _connected(rabbitmq_url, rabbit_prefix)
         jobs = _jobs(1234)
-        await broker.publish(jobs)
+        await broker.publish(jobs)  # 13 messages of up to 100 jobs (the default packing)
         stream = broker.consume()
         got: list[Delivery] = []
         while len(got) < len(jobs):  # ack as we go: the prefetch window is 64 jobs
@@ -94,85 +100,6 @@ def test_one_failing_job_in_a_multi_job_message_is_retried_alone(
         assert await _nothing_more(stream), "a settled job came back"
         await stream.aclose()  # type: ignore[attr-defined]
         await broker.close()
-
-    asyncio.run(main())
-
-
-def test_dead_letters_keep_the_original_bytes_reason_and_attempts(
-    rabbitmq_url: str, rabbit_prefix: str
-) -> None:
-    async def main() -> None:
-        broker = await _connected(rabbitmq_url, rabbit_prefix)
-        raw = b"{not json at all"
-        job = _jobs(1, "poison")[0]
-        await broker.publish_raw([raw])
-        await broker.publish([job])
-        stream = broker.consume()
-        got = await _take(stream, 2)
-        by_body = {d.body: d for d in got}
-        await broker.dead_letter(by_body[raw], "bad_message", "not JSON", 1, None)
-        await broker.dead_letter(by_body[job.to_bytes()], "http_404", "gone", 3, job)
-        letters = await broker.dead_letters()
-        assert {letter.body for letter in letters} == {raw, job.to_bytes()}
-        poison = next(letter for letter in letters if letter.body == job.to_bytes())
-        assert (poison.reason, poison.error, poison.attempts) == ("http_404", "gone", 3)
-        assert (poison.item_id, poison.run_id) == ("poison-0", job.run_id)
-        assert poison.failed_at_s > 1.7e9
-        # Reading the DLQ does not drain it.
-        assert len(await broker.dead_letters()) == 2
-        assert await _nothing_more(stream)
-        await stream.aclose()  # type: ignore[attr-defined]
-        await broker.close()
-
-    asyncio.run(main())
-
-
-def test_a_live_job_overtakes_the_bulk_backlog(rabbitmq_url: str, rabbit_prefix: str) -> None:
-    async def main() -> None:
-        broker = await _connected(
-            rabbitmq_url, rabbit_prefix, rabbitmq={"jobs_per_message": 1}, prefetch=32
-        )
-        await broker.publish(_jobs(3000))
-        stream = broker.consume()
-        first = await _take(stream, 10)
-        await broker.ack(first)
-        await broker.publish(_jobs(1, "cms", Lane.LIVE))
-        await asyncio.sleep(0.3)  # let the live message reach this consumer
-        position = None
-        for i in range(200):
-            (delivery,) = await _take(stream, 1)
-            await broker.ack([delivery])
-            if decode_job(delivery.body).item_id == "cms-0":
-                position = i
-                break
-        # Only what was already in the prefetch window may come before it.
-        assert position is not None and position <= 32
-        await stream.aclose()  # type: ignore[attr-defined]
-        await broker.close()
-
-    asyncio.run(main())
-
-
-def test_unacked_jobs_come_back_after_the_consumer_goes_away(
-    rabbitmq_url: str, rabbit_prefix: str
-) -> None:
-    async def main() -> None:
-        # One job per message, so acking a job acks its message.
-        first = await _connected(rabbitmq_url, rabbit_prefix, rabbitmq={"jobs_per_message": 1})
-        await first.publish(_jobs(30))
-        stream = first.consume()
-        got = await _take(stream, 30)
-        await first.ack(got[:10])
-        await first.close()  # like a crash: 20 unacked jobs
-        second = await _connected(rabbitmq_url, rabbit_prefix)
-        stream2 = second.consume()
-        back = await _take(stream2, 20)
-        assert all(d.redelivered for d in back)
-        assert {d.body for d in back} == {d.body for d in got[10:]}
-        await second.ack(back)
-        assert await _nothing_more(stream2)
-        await stream2.aclose()  # type: ignore[attr-defined]
-        await second.close()
 
     asyncio.run(main())
 

@@ -19,11 +19,11 @@ import common.brokers.rabbitmq.dlq as rabbitmq_dlq
 from common.brokers.base import DeadLetter, Delivery
 from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.schema import Job, decode_job
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.cli import main
-from imgfleet.demo.image_server import ImageServer
 from index.segments import list_segments, read_segment
-from tests.integration.conftest import REPO_ROOT
+from tests.support.faulty_image_server import FaultyImageServer as ImageServer
+from tests.support.fleet import REPO_ROOT
 from tests.support.rabbitmq import RabbitFleet, broker_config, served_fleet
 
 pytestmark = pytest.mark.integration

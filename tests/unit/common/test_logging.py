@@ -80,12 +80,12 @@ def _log_in_child(message: str) -> int:
 
 
 def test_decode_children_log_like_their_parent(capfd: pytest.CaptureFixture[str]) -> None:
-    from workers.decode.pool import DecodePool
+    from tests.support.decode_pool_hooks import HookedDecodePool
 
     configure_logging("json", "info", secrets=["child-pass-000"])
     bind_process(worker_id="w-9")
-    with DecodePool(1) as pool:
-        child_pid = pool._submit_raw(_log_in_child, "hello from a decode process").result(60)
+    with HookedDecodePool(1) as pool:
+        child_pid = pool.run_in_worker(_log_in_child, "hello from a decode process").result(60)
     lines = [
         line
         for line in json_lines(capfd.readouterr().err)

@@ -1,4 +1,4 @@
-"""The loopback image server: bytes, validators, 404, HEAD and the fault hooks."""
+"""The loopback image server (bytes, validators, 404, HEAD) and the tests' faulty one."""
 
 from __future__ import annotations
 
@@ -11,16 +11,27 @@ from pathlib import Path
 import pytest
 
 from imgfleet.demo.image_server import ImageServer
+from tests.support.faulty_image_server import FaultyImageServer
 
 PAYLOAD = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ImageServer]:
+def _root(tmp_path: Path) -> Path:
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "a.jpg").write_bytes(PAYLOAD)
     (tmp_path / "secret.txt").write_text("outside images but inside root")
-    with ImageServer(tmp_path) as srv:
+    return tmp_path
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ImageServer]:
+    with ImageServer(_root(tmp_path)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def faulty(tmp_path: Path) -> Iterator[FaultyImageServer]:
+    with FaultyImageServer(_root(tmp_path)) as srv:
         yield srv
 
 
@@ -64,7 +75,25 @@ def test_head_sends_headers_without_body(server: ImageServer) -> None:
     assert _get(server.base_url + "/images/nope.jpg", method="HEAD")[0] == 404
 
 
-def test_fail_next_503_twice_then_200(server: ImageServer) -> None:
+def test_the_demo_server_has_no_fault_hooks() -> None:
+    hooks = ("fail_next", "delay_s", "drip", "redirect", "gzip_bomb", "clear_faults")
+    counts = ("request_count", "not_modified_count", "total_requests", "reset_counts")
+    assert not any(hasattr(ImageServer, name) for name in hooks + counts)
+
+
+def test_faulty_server_serves_and_counts_304s(faulty: FaultyImageServer) -> None:
+    status, headers, body = _get(faulty.base_url + "/images/a.jpg")
+    assert (status, body) == (200, PAYLOAD)
+    status, _, body = _get(
+        faulty.base_url + "/images/a.jpg", headers={"If-None-Match": headers["ETag"]}
+    )
+    assert (status, body) == (304, b"")
+    assert faulty.not_modified_count() == 1
+    assert faulty.total_requests() == 2
+
+
+def test_fail_next_503_twice_then_200(faulty: FaultyImageServer) -> None:
+    server = faulty
     server.fail_next("a.jpg", 503, times=2)
     statuses = [_get(server.base_url + "/images/a.jpg")[0] for _ in range(3)]
     assert statuses == [503, 503, 200]
@@ -73,13 +102,15 @@ def test_fail_next_503_twice_then_200(server: ImageServer) -> None:
     assert server.request_count("b.jpg") == 0
 
 
-def test_fail_next_matches_whole_path_segments(server: ImageServer) -> None:
+def test_fail_next_matches_whole_path_segments(faulty: FaultyImageServer) -> None:
+    server = faulty
     server.fail_next("a.jpg", 500, times=1)
     assert _get(server.base_url + "/images/xa.jpg")[0] == 404  # not the fault
     assert _get(server.base_url + "/images/a.jpg")[0] == 500
 
 
-def test_delay_slows_matching_paths_only(server: ImageServer) -> None:
+def test_delay_slows_matching_paths_only(faulty: FaultyImageServer) -> None:
+    server = faulty
     server.delay_s("a.jpg", 0.3)
     started = time.monotonic()
     assert _get(server.base_url + "/images/a.jpg")[0] == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +10,11 @@ import numpy as np
 import pytest
 
 from common.identity import image_id_for
-from common.storage.base import LocalStorage, Storage
+from common.storage.base import Storage
+from common.storage.local import LocalStorage
 from common.storage.s3 import S3Storage
 from index.segments import SegmentWriter, VectorRecord
+from tests.support.storage import fresh_s3_storage
 
 DIM = 16
 MODEL_ID = "test-model-v1"
@@ -90,21 +91,4 @@ def _free_port() -> int:
 
 @pytest.fixture
 def s3_storage(s3_endpoint: str) -> S3Storage:
-    import boto3
-
-    bucket = f"imgfleet-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=bucket)
-    return S3Storage(
-        bucket,
-        prefix="fleet/index",
-        endpoint_url=s3_endpoint,
-        access_key_id="testing",
-        secret_access_key="testing",
-    )
+    return fresh_s3_storage(s3_endpoint)

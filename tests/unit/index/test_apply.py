@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from common.identity import image_id_for
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from index.apply import Applier
-from index.build import build_generation
 from index.manifest import load_manifest
+from index.publish import build_generation
 from index.runs import RunInfo, write_run
 from index.search import Searcher
 from index.segments import list_segments

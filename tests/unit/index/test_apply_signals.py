@@ -9,10 +9,10 @@ import pytest
 
 from common.observability.health import Health
 from common.observability.metrics import Metrics
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from index.apply import Applier
-from index.build import build_generation
 from index.manifest import load_manifest
+from index.publish import build_generation
 from tests.unit.index.conftest import RecordFactory, write_records
 
 

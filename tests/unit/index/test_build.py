@@ -7,9 +7,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from common.identity import image_id_for
-from common.storage.base import LocalStorage
-from index.build import IndexBuildError, build_generation
+from common.storage.local import LocalStorage
 from index.manifest import MANIFEST_KEY, load_manifest, shard_index_key, shard_items_key
+from index.publish import build_generation
+from index.records import IndexBuildError
 from index.search import Searcher
 from index.segments import SegmentWriter, VectorRecord, list_segments
 from tests.unit.index.conftest import DIM, MODEL_ID, RecordFactory

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from imgfleet.cli import main
 from imgfleet.servers.search import make_app
-from index.build import build_generation
+from index.publish import build_generation
 from index.runs import RunInfo, write_run
 from index.search import Searcher
 from tests.unit.index.conftest import DIM, RecordFactory, write_records

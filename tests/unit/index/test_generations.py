@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from common.identity import image_id_for
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from index.apply import Applier
-from index.build import build_generation
-from index.generations import GenerationError, evaluate_generation, prune, rollback, status
+from index.evaluation import evaluate_generation
+from index.generations import GenerationError, prune, rollback, status
 from index.manifest import MANIFEST_KEY, load_manifest
+from index.publish import build_generation
 from index.runs import RunInfo, write_run
 from index.search import Searcher
 from index.segments import list_segments

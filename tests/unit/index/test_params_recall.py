@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.storage.base import LocalStorage
-from index.build import build_generation
-from index.generations import evaluate_generation
-from index.params import IndexPolicy, choose_params, recall_at_k
+from common.storage.local import LocalStorage
+from index.evaluation import evaluate_generation, recall_at_k
+from index.params import IndexPolicy, choose_params
+from index.publish import build_generation
 from index.search import Searcher
 from index.segments import SegmentWriter, VectorRecord
 from tests.unit.index.conftest import MODEL_ID, clustered_vectors

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from common.identity import image_id_for
-from common.storage.base import LocalStorage
-from index.build import build_generation
+from common.storage.local import LocalStorage
+from index.publish import build_generation
 from index.search import Searcher
 from index.segments import SegmentWriter, VectorRecord
 from tests.unit.index.conftest import DIM, MODEL_ID, RecordFactory, unit

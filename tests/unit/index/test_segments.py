@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from index.npz import unpack_arrays
 from index.routing import shard_for
 from index.segments import (

@@ -6,11 +6,13 @@ import faiss
 import numpy as np
 import pytest
 
-from common.storage.base import LocalStorage
-from index.apply import Applier, load_index
-from index.build import build_generation
+from common.storage.local import LocalStorage
+from index.apply import Applier
+from index.evaluation import merge_top, recall_at_k
+from index.faiss_io import coarse_id, load_index
 from index.manifest import GenerationInfo, load_manifest
-from index.params import IndexPolicy, coarse_id, merge_top, recall_at_k
+from index.params import IndexPolicy
+from index.publish import build_generation
 from index.search import Searcher
 from index.segments import SegmentWriter, VectorRecord
 from index.shardfiles import read_base

@@ -4,7 +4,6 @@ from pathlib import Path
 import orjson
 
 from common.brokers.local.broker import LocalBroker
-from common.schema import Job
 from producers.catalogue.reader import CatalogueItem, RejectedRow, read_catalogue
 from producers.nightly.upserts import publish_catalogue
 
@@ -85,15 +84,3 @@ def test_publish_dedupes_images_and_writes_rejects(tmp_path: Path) -> None:
     asyncio.run(scenario())
     reject = orjson.loads((tmp_path / "rejects.jsonl").read_text().splitlines()[0])
     assert reject["line"] == 32
-
-
-def test_jobs_carry_run_and_position_keys(tmp_path: Path) -> None:
-    from producers.nightly.upserts import jobs_for_item
-
-    item = CatalogueItem(1, "sku", ("u0", "u1"), 9)
-    jobs = jobs_for_item(item, "run-x")
-    assert [(j.image_key, j.url, j.version, j.run_id) for j in jobs] == [
-        ("0", "u0", 9, "run-x"),
-        ("1", "u1", 9, "run-x"),
-    ]
-    assert isinstance(jobs[0], Job)

@@ -13,11 +13,9 @@ import pytest
 from pydantic import ValidationError
 
 from common.config import ProducerConfig
-from common.errors import PermanentError
-from common.schema import Job
+from common.errors import ExitCode, OperatorError
+from common.schema import MAX_ITEM_ID_CHARS, MAX_URL_CHARS, Job
 from producers.catalogue.reader import (
-    MAX_ITEM_ID_CHARS,
-    MAX_URL_CHARS,
     CatalogueItem,
     ColumnMapping,
     RejectedRow,
@@ -336,7 +334,8 @@ def test_format_override_and_unknown_formats(tmp_path: Path) -> None:
 def test_missing_file_and_directory_are_clear_permanent_errors(tmp_path: Path) -> None:
     with pytest.raises(CatalogueNotFoundError, match=r"catalogue .*nope\.jsonl not found") as err:
         open_catalogue(tmp_path / "nope.jsonl")
-    assert isinstance(err.value, PermanentError)
+    assert isinstance(err.value, OperatorError) and not err.value.transient
+    assert err.value.exit_code is ExitCode.FAILED
     with pytest.raises(CatalogueNotFoundError, match="not found"):
         open_catalogue(tmp_path / "nope.parquet")
     (tmp_path / "dir.csv").mkdir()

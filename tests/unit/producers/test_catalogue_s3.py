@@ -14,7 +14,8 @@ import pytest
 from botocore.exceptions import ClientError, ResponseStreamingError
 
 from common.config import StorageConfig
-from common.errors import PermanentError, TransientError
+from common.errors import OperatorError
+from common.storage.s3_client import s3_client_from_config
 from producers.catalogue.reader import CatalogueItem, ColumnMapping, RejectedRow, open_catalogue
 from producers.catalogue.sources import (
     CatalogueAccessError,
@@ -24,7 +25,6 @@ from producers.catalogue.sources import (
     CatalogueUnavailableError,
     S3RangeReader,
     S3StreamReader,
-    s3_client_from_config,
 )
 from tests.conftest import s3_client
 
@@ -189,7 +189,7 @@ def test_access_denied_is_a_permanent_error_naming_the_object() -> None:
     for key in ("cat.jsonl", "cat.parquet"):
         with pytest.raises(CatalogueAccessError, match=rf"s3://b/{key}: access denied") as err:
             open_catalogue(f"s3://b/{key}", s3_client=_DeniedClient())
-        assert isinstance(err.value, PermanentError)
+        assert isinstance(err.value, OperatorError) and not err.value.transient
 
 
 class _FlakyBody:
@@ -243,7 +243,7 @@ def test_a_dropped_stream_resumes_where_it_stopped(bucket: tuple[Any, str]) -> N
     stream = S3StreamReader(hopeless, f"s3://{name}/cat.jsonl", max_resumes=3)
     with pytest.raises(CatalogueUnavailableError, match="after 3 reconnects") as err:
         stream.read(len(body))
-    assert isinstance(err.value, TransientError)
+    assert isinstance(err.value, OperatorError) and err.value.transient
 
 
 def test_an_object_replaced_mid_read_is_an_error(bucket: tuple[Any, str]) -> None:

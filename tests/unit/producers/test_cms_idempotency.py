@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from producers.cms.idempotency import (
     Claim,
     IdempotencyStore,

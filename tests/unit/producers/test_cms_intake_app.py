@@ -19,19 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from common.brokers.local.broker import LocalBroker
 from common.config import CmsConfig, ProducerConfig, load_settings
 from common.errors import ConfigError, Reason, TransientError
 from common.observability.logging import configure_logging
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from producers.cms.app import Intake
 from producers.cms.client import CmsClient, CmsRequestError
-from producers.cms.runtime import IntakeSettings
-from tests.integration.conftest import REPO_ROOT
+from producers.cms.runtime import BrokerLink, IntakeSettings
 from tests.support.cms_server import IntakeThread
+from tests.support.fleet import REPO_ROOT
 
 pytestmark = pytest.mark.integration  # loopback HTTP
 
@@ -174,8 +173,7 @@ def test_a_chunked_body_over_the_limit_is_413(intake: IntakeThread, tmp_path: Pa
 
 
 def test_health_readiness_and_metrics_need_no_token(intake: IntakeThread) -> None:
-    def sample(name: str, **labels: str) -> float:
-        return REGISTRY.get_sample_value(name, labels) or 0.0
+    sample = intake.intake.metrics.value
 
     before = {
         "202": sample("imgfleet_cms_requests_total", status="202"),
@@ -358,3 +356,33 @@ def test_an_unavailable_idempotency_store_gives_503_and_publishes_nothing(tmp_pa
         # Without a key the store is not needed.
         assert _send(server, "PUT", "/v1/items/a", UPSERT, AUTH)[0] == 202
     assert _queued(tmp_path) == 3
+
+
+class _FlakyBroker:
+    """Fails its first connects with the given errors, then connects."""
+
+    def __init__(self, failures: list[Exception]) -> None:
+        self.failures = failures
+
+    async def connect(self) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+
+
+def test_the_first_connect_is_retried_doubling_until_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(asyncio, "sleep", no_wait)
+    link = BrokerLink(_FlakyBroker([OSError("down")] * 7))  # type: ignore[arg-type]
+    asyncio.run(link.keep_connecting())
+    assert link.connected and waits == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    refused_broker = _FlakyBroker([OSError("down"), ConfigError("bad credentials")])
+    refused = BrokerLink(refused_broker)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="bad credentials"):
+        asyncio.run(refused.keep_connecting())
+    assert not refused.connected

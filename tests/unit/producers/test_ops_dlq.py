@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -20,6 +21,7 @@ from producers.ops.dead_letters import (
     ordered,
     plan,
     requeued_job,
+    run_dead_letters,
 )
 from producers.ops.filters import LetterFilter
 from producers.ops.run_status import RATE_BETWEEN_SAMPLES, RATE_SINCE_START, RunFigures, run_state
@@ -153,6 +155,17 @@ def test_dead_letters_by_run_counts_each_image_once() -> None:
     assert runs["run-1"].image_ids == {job("a").image_id, job("b").image_id, job("d").image_id}
     assert runs["run-1"].reasons() == Counter({"http_5xx": 2, "http_404": 1})
     assert runs["run-2"].unreadable == 0
+
+
+def test_a_run_s_dead_letters_follow_the_job_then_the_header() -> None:
+    headerless = replace(dead("6", "http_404", job("e")), run_id=None)
+    unreadable = replace(dead("7", "bad_message", None), run_id="run-1")
+    letters = [*sample_letters(), headerless, unreadable]
+    run_1 = run_dead_letters(letters, "run-1")
+    assert run_1.image_ids == {job(item).image_id for item in "abde"}
+    assert (run_1.unreadable, run_1.unreadable_reasons) == (1, Counter({"bad_message": 1}))
+    assert run_1 == dead_letters_by_run(letters)["run-1"]
+    assert run_dead_letters(letters, "run-3") == run_dead_letters([], "run-3")
 
 
 def test_rate_since_start_and_between_samples() -> None:

@@ -11,8 +11,9 @@ import orjson
 import pytest
 
 from common.identity import image_id_for, job_id_for
-from common.schema import Op
-from common.storage.base import LocalStorage
+from common.observability.metrics import ProducerMetrics
+from common.schema import Job, Lane, Op
+from common.storage.local import LocalStorage
 from index.runs import (
     RunInfo,
     RunStillPublishingError,
@@ -22,6 +23,7 @@ from index.runs import (
     write_run,
 )
 from producers.catalogue.reader import CatalogueItem
+from producers.nightly.batches import ConfirmedBatches
 from producers.nightly.checkpoint import (
     Checkpoint,
     checkpoint_key,
@@ -38,7 +40,45 @@ from producers.nightly.snapshot import (
     save_snapshot,
     snapshot_key,
 )
-from producers.nightly.upserts import jobs_for_item
+from producers.nightly.upserts import PublishCounts, UpsertPhase
+
+
+class _Confirming:
+    """A broker that confirms every publish at once and keeps its jobs."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    async def publish(self, jobs: list[Job], ledger: str | None = None) -> None:
+        self.jobs += jobs
+
+
+def _upsert_jobs(items: list[CatalogueItem], run_id: str) -> list[Job]:
+    """The jobs the nightly run's upsert phase publishes for ``items``, in order."""
+    broker = _Confirming()
+
+    async def scenario() -> None:
+        metrics = ProducerMetrics()
+        batches = ConfirmedBatches(
+            broker,  # type: ignore[arg-type]
+            ledger=None,
+            in_flight=1,
+            limiter=TokenBucket(0),
+            metrics=metrics,
+        )
+        phase = UpsertPhase(
+            run_id=run_id,
+            lane=Lane.BULK,
+            batch_size=500,
+            builder=SnapshotBuilder(),
+            counts=PublishCounts(),
+            batches=batches,
+            metrics=metrics,
+        )
+        await phase.run(items)
+
+    asyncio.run(scenario())
+    return broker.jobs
 
 
 def test_image_id_set_matches_a_python_set_and_keeps_first_positions() -> None:
@@ -137,12 +177,22 @@ def test_mass_delete_guard() -> None:
     check_delete_guard("r", 100, 100, 0.2, allow=True)
 
 
+def test_jobs_carry_run_and_position_keys() -> None:
+    item = CatalogueItem(1, "sku", ("u0", "u1"), 9)
+    jobs = _upsert_jobs([item], "run-x")
+    assert [(j.image_key, j.url, j.version, j.run_id) for j in jobs] == [
+        ("0", "u0", 9, "run-x"),
+        ("1", "u1", 9, "run-x"),
+    ]
+    assert isinstance(jobs[0], Job)
+
+
 def test_job_ids_are_deterministic_per_run_image_and_op() -> None:
     item = CatalogueItem(1, "sku", ("http://x/0", "http://x/1"), 4)
-    first, again = jobs_for_item(item, "run-x"), jobs_for_item(item, "run-x")
+    first, again = _upsert_jobs([item], "run-x"), _upsert_jobs([item], "run-x")
     assert [j.job_id for j in first] == [j.job_id for j in again]
     assert first[0].job_id == job_id_for("run-x", image_id_for("sku", "0"), "upsert")
-    assert first[0].job_id != jobs_for_item(item, "run-y")[0].job_id
+    assert first[0].job_id != _upsert_jobs([item], "run-y")[0].job_id
     assert len({j.job_id for j in first}) == 2
 
 

@@ -20,15 +20,15 @@ from typing import Any, ClassVar
 
 import orjson
 import pytest
-from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 import common.brokers.local.ledger as local_ledger
 from common.brokers.local.broker import LocalBroker
 from common.errors import Reason, TransientError
+from common.observability.metrics import ProducerMetrics
 from common.schema import Job, Op, decode_job
-from common.storage.base import LocalStorage
-from imgfleet.cli.produce import KILL_AFTER_JOBS_ENV, IndexRunRegistry
+from common.storage.local import LocalStorage
+from imgfleet.run_registry import IndexRunRegistry
 from index.runs import read_run
 from producers.catalogue.reader import open_catalogue
 from producers.nightly.checkpoint import load_checkpoint
@@ -36,6 +36,7 @@ from producers.nightly.deletes import MassDeleteError
 from producers.nightly.run import CatalogueRun, RunConflictError, RunOptions, dry_run
 from producers.nightly.upserts import PublishReport
 from tests.support.catalogue_factory import Written, write_catalogue
+from tests.support.faulty_cli import FAULTY_CLI, KILL_AFTER_JOBS_ENV
 from tests.support.waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -67,7 +68,13 @@ def _options(run_id: str, source: Path, **extra: Any) -> RunOptions:
 
 
 async def _run(
-    root: Path, run_id: str, written: Written, *, on_confirmed: Any = None, **extra: Any
+    root: Path,
+    run_id: str,
+    written: Written,
+    *,
+    on_confirmed: Any = None,
+    metrics: ProducerMetrics | None = None,
+    **extra: Any,
 ) -> PublishReport:
     broker = LocalBroker(root / "queue.sqlite3")
     storage = LocalStorage(root / "store")
@@ -78,6 +85,7 @@ async def _run(
             storage=storage,
             registry=IndexRunRegistry(storage),
             on_confirmed=on_confirmed,
+            metrics=metrics,
         )
         return await run.run(lambda: open_catalogue(written.path))
     finally:
@@ -99,10 +107,6 @@ async def _drain(root: Path) -> list[Job]:
     return jobs
 
 
-def _sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
 def _assert_exactly_once(jobs: list[Job], expected: set[str]) -> None:
     counts = Counter(job.job_id for job in jobs)
     assert set(counts) == expected
@@ -112,14 +116,17 @@ def _assert_exactly_once(jobs: list[Job], expected: set[str]) -> None:
 def test_a_run_publishes_every_image_once_and_registers(tmp_path: Path) -> None:
     written = write_catalogue(tmp_path / "cat.jsonl", 3000)
     rejects = tmp_path / "rejects.jsonl"
-    published_before = _sample("imgfleet_producer_jobs_published_total", op="upsert")
-    rejected_before = _sample("imgfleet_producer_rows_total", outcome="rejected")
-    report = asyncio.run(_run(tmp_path, "night-1", written, rejects_path=rejects))
-    published = _sample("imgfleet_producer_jobs_published_total", op="upsert")
+    metrics = ProducerMetrics()
+    published_before = metrics.value("imgfleet_producer_jobs_published_total", op="upsert")
+    rejected_before = metrics.value("imgfleet_producer_rows_total", outcome="rejected")
+    report = asyncio.run(_run(tmp_path, "night-1", written, metrics=metrics, rejects_path=rejects))
+    published = metrics.value("imgfleet_producer_jobs_published_total", op="upsert")
     assert published - published_before == len(written.images)
-    rejected = _sample("imgfleet_producer_rows_total", outcome="rejected") - rejected_before
+    rejected = metrics.value("imgfleet_producer_rows_total", outcome="rejected") - rejected_before
     assert rejected == written.bad_rows
-    assert _sample("imgfleet_producer_run_info", run_id="night-1", catalogue="shop", lane="bulk")
+    assert metrics.value(
+        "imgfleet_producer_run_info", run_id="night-1", catalogue="shop", lane="bulk"
+    )
     jobs = asyncio.run(_drain(tmp_path))
     _assert_exactly_once(jobs, written.job_ids("night-1"))
     assert (
@@ -235,7 +242,7 @@ def test_sigkill_of_the_cli_right_after_a_confirm_then_resume(tmp_path: Path) ->
     }
     cmd = [sys.executable, "-m", "imgfleet", "produce", "catalogue", str(written.path), "--json"]
     killed = subprocess.run(
-        [*cmd, "--run-id", "night-9"],
+        [sys.executable, "-m", FAULTY_CLI, *cmd[3:], "--run-id", "night-9"],
         env={**env, KILL_AFTER_JOBS_ENV: "6000"},
         cwd=REPO_ROOT,
         capture_output=True,

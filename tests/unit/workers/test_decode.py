@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from common.errors import PermanentError, Reason
-from workers.decode.cpu import DecodeResult, decode_image, sniff_format
+from workers.decode.cpu import decode_image, sniff_format
 from workers.decode.preprocess import INPUT_SIZE, reference_preprocess, resize_and_crop
+from workers.decode.types import DecodeResult
 
 # Draft JPEG decodes at 1/2..1/8 DCT scale before the bilinear resize, so it is close to
 # but not identical with a full-size decode (measured ~0.4 mean, max 3 on these images).

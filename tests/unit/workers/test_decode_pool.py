@@ -1,5 +1,9 @@
-"""The decode pool: results and errors cross the process boundary; a dead worker is
-contained to the jobs it had in flight."""
+"""The decode pool: results and errors cross the process boundary, pixels come back
+through shared memory, a dead worker is contained to the jobs it had in flight, and a pool
+that keeps dying is given up (the worker must exit, not spin).
+
+Every test runs its own pool or the module's; none needs a process of its own.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.errors import PermanentError, Reason, TransientError
-from workers.decode.pool import DecodePool, _crash_for_test
+from common.errors import PermanentError, Reason, TransientError, UnrecoverableError
+from tests.support.decode_pool_hooks import HookedDecodePool, ping
+from workers.decode.cpu import decode_image
+from workers.decode.pool import DecodePool
 
 
-def jpeg_bytes(width_px: int = 640, height_px: int = 480) -> bytes:
-    rng = np.random.default_rng(1)
+def jpeg_bytes(seed: int = 1, width_px: int = 640, height_px: int = 480) -> bytes:
+    rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (height_px, width_px, 3), np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DecodePool]:
-    with DecodePool(2) as decode_pool:
+def pool() -> Iterator[HookedDecodePool]:
+    with HookedDecodePool(2) as decode_pool:
         yield decode_pool
 
 
-def test_decode_sync_and_async(pool: DecodePool) -> None:
+# -- results and errors ----------------------------------------------------------------
+
+
+def test_decode_sync_and_async(pool: HookedDecodePool) -> None:
     data = jpeg_bytes()
     result = pool.decode_sync(data)
     assert result.pixels.shape == (224, 224, 3)
@@ -42,7 +51,7 @@ def test_decode_sync_and_async(pool: DecodePool) -> None:
         assert np.array_equal(pixels, result.pixels)
 
 
-def test_permanent_errors_keep_their_reason(pool: DecodePool) -> None:
+def test_permanent_errors_keep_their_reason(pool: HookedDecodePool) -> None:
     with pytest.raises(PermanentError) as err:
         pool.decode_sync(b"<html></html>")
     assert err.value.reason == Reason.NOT_AN_IMAGE
@@ -50,36 +59,110 @@ def test_permanent_errors_keep_their_reason(pool: DecodePool) -> None:
 
 def test_pool_options_reach_workers() -> None:
     data = jpeg_bytes()
-    with DecodePool(1, size=64, recover_truncated=False) as small:
+    with HookedDecodePool(1, size=64, recover_truncated=False) as small:
         assert small.decode_sync(data).pixels.shape == (64, 64, 3)
         with pytest.raises(PermanentError) as err:
             small.decode_sync(data[: len(data) // 2])
         assert err.value.reason == Reason.TRUNCATED
 
 
-def test_worker_crash_is_transient_and_pool_recovers(pool: DecodePool) -> None:
+def test_pool_passes_the_minimum_decoded_fraction() -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), np.uint8)).save(
+        buf, "JPEG"
+    )
+    cut = buf.getvalue()[: len(buf.getvalue()) // 4]
+    with HookedDecodePool(1, min_decoded_fraction=0.9) as strict, pytest.raises(PermanentError):
+        strict.decode_sync(cut)
+    with HookedDecodePool(1, min_decoded_fraction=0.0) as lenient:
+        assert lenient.decode_sync(cut).recovered
+
+
+def test_fork_is_refused() -> None:
+    with pytest.raises(ValueError):
+        DecodePool(1, start_method="fork")
+
+
+# -- shared memory ---------------------------------------------------------------------
+
+
+def test_results_come_back_through_shared_memory_and_match_in_process() -> None:
+    images = [jpeg_bytes(seed) for seed in range(6)]
+    with DecodePool(2, shared_slots=2) as pool:
+
+        async def many() -> list[np.ndarray]:
+            # 12 jobs on 2 slots: most go through shared memory, the rest fall back.
+            results = await asyncio.gather(*(pool.decode(d) for d in images * 2))
+            return [r.pixels for r in results]
+
+        decoded = asyncio.run(many())
+        assert pool.shared_returns >= 2
+        assert sorted(pool._slots._free) == [0, 1]  # type: ignore[union-attr]
+    for data, pixels in zip(images * 2, decoded, strict=True):
+        assert pixels.flags["C_CONTIGUOUS"]
+        assert np.array_equal(pixels, decode_image(data).pixels)
+
+
+def test_results_do_not_alias_the_slot() -> None:
+    with HookedDecodePool(1, shared_slots=1) as pool:
+        first = pool.decode_sync(jpeg_bytes(1))
+        kept = first.pixels.copy()
+        pool.decode_sync(jpeg_bytes(2))  # reuses the one slot
+        assert np.array_equal(first.pixels, kept)
+
+
+def test_errors_and_crashes_give_the_slot_back() -> None:
+    with HookedDecodePool(1, shared_slots=1) as pool:
+        with pytest.raises(PermanentError):
+            pool.decode_sync(b"<html>")
+        assert pool._slots is not None and pool._slots._free == [0]
+        with pytest.raises(TransientError):
+            pool.crash_a_worker().result(timeout=60)
+        assert pool.decode_sync(jpeg_bytes(3)).pixels.shape == (224, 224, 3)
+        assert pool._slots._free == [0]
+
+
+# -- crashes ---------------------------------------------------------------------------
+
+
+def test_worker_crash_is_transient_and_pool_recovers(pool: HookedDecodePool) -> None:
     data = jpeg_bytes()
     restarts_before = pool.restarts
     with pytest.raises(TransientError) as err:
-        pool._submit_raw(_crash_for_test).result(timeout=60)
+        pool.crash_a_worker().result(timeout=60)
     assert err.value.reason == Reason.DECODER_CRASHED
     assert pool.restarts == restarts_before + 1
     for _ in range(4):
         assert pool.decode_sync(data).pixels.shape == (224, 224, 3)
 
 
-def test_async_crash_then_success(pool: DecodePool) -> None:
+def test_async_crash_then_success(pool: HookedDecodePool) -> None:
     data = jpeg_bytes()
 
     async def crash_then_decode() -> np.ndarray:
         with pytest.raises(TransientError) as err:
-            await asyncio.wrap_future(pool._submit_raw(_crash_for_test))
+            await asyncio.wrap_future(pool.crash_a_worker())
         assert err.value.reason == Reason.DECODER_CRASHED
         return (await pool.decode(data)).pixels
 
     assert asyncio.run(crash_then_decode()).shape == (224, 224, 3)
 
 
-def test_fork_is_refused() -> None:
-    with pytest.raises(ValueError):
-        DecodePool(1, start_method="fork")
+def test_restarts_in_a_row_give_up_and_a_success_resets_the_count() -> None:
+    restarts: list[int] = []
+    with HookedDecodePool(1, max_restarts=2, on_restart=lambda: restarts.append(1)) as pool:
+        with pytest.raises(TransientError):
+            pool.crash_a_worker().result(60)
+        assert pool.run_in_worker(ping).result(60) is True  # the new pool works...
+        assert pool.restarts_in_a_row == 0  # ...which resets the count
+        with pytest.raises(TransientError):
+            pool.crash_a_worker().result(60)
+        # The second death in a row reaches the limit: the in-flight job is not blamed
+        # (no decoder_crashed retry), and nothing more is submitted.
+        with pytest.raises(UnrecoverableError) as failure:
+            pool.crash_a_worker().result(60)
+        assert failure.value.component == "decode_pool"
+        assert pool.failed
+        with pytest.raises(UnrecoverableError):
+            pool.run_in_worker(ping)
+    assert len(restarts) == pool.restarts == 3

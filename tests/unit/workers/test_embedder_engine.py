@@ -1,4 +1,4 @@
-"""The Embedder's engine work: padding, chunks, instances, precision, threads, GPU paths.
+"""The ModelEmbedder's engine work: padding, chunks, instances, precision, threads, GPU paths.
 
 GPU tests need CUDA (and TensorRT for the engine tests) and skip cleanly without; CI has
 no GPU. Everything else runs the real model on the CPU.
@@ -16,14 +16,14 @@ from torch import nn
 
 from common.config import load_settings
 from common.errors import ConfigError
-from imgfleet.wiring import embed_threads, embed_threads_for_cpu, make_embedder
+from imgfleet.factories import embed_threads, embed_threads_for_cpu, make_embedder
 from workers.embed.backends import (
     EngineOptions,
     powers_of_two_up_to,
     preferred_sizes,
     resolve_precision,
 )
-from workers.embed.embedder import Embedder, NonFiniteEmbeddingError, usable_cpus
+from workers.embed.embedder import ModelEmbedder, NonFiniteEmbeddingError, usable_cpus
 from workers.embed.model import LoadedModel, load_model
 from workers.embed.model_card import ModelCard
 from workers.embed.tensorrt import EngineKey, batch_profile, calibration_images, engine_path
@@ -38,16 +38,16 @@ def _batch(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def plain() -> Embedder:
-    return Embedder(load_model(None), threads=2)
+def plain() -> ModelEmbedder:
+    return ModelEmbedder(load_model(None), threads=2)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_padding_to_preferred_sizes_changes_no_vector(plain: Embedder) -> None:
-    padded = Embedder(
+def test_padding_to_preferred_sizes_changes_no_vector(plain: ModelEmbedder) -> None:
+    padded = ModelEmbedder(
         load_model(None),
         threads=2,
         options=EngineOptions(preferred_batch_sizes=(4, 8), max_batch=8),
@@ -59,14 +59,14 @@ def test_padding_to_preferred_sizes_changes_no_vector(plain: Embedder) -> None:
     assert padded.stats.images == 11 and padded.stats.calls == 1
 
 
-def test_without_preferred_sizes_the_cpu_pads_nothing(plain: Embedder) -> None:
+def test_without_preferred_sizes_the_cpu_pads_nothing(plain: ModelEmbedder) -> None:
     before = plain.stats.padded_rows
     assert plain.embed(_batch(5)).shape == (5, 256)
     assert plain.stats.padded_rows == before
     assert plain.preferred_batch_sizes == () and plain.backend == "torch"
 
 
-def test_concurrent_calls_get_their_own_rows(plain: Embedder) -> None:
+def test_concurrent_calls_get_their_own_rows(plain: ModelEmbedder) -> None:
     batches = [_batch(3, seed=s) for s in range(4)]
     expected = [plain.embed(b) for b in batches]
     results: dict[int, np.ndarray] = {}
@@ -113,7 +113,7 @@ def _small_card() -> ModelCard:
 
 
 def test_non_finite_rows_are_rerun_in_fp32() -> None:
-    embedder = Embedder(LoadedModel(_Scaled(), _small_card(), "scaled-1"), threads=1)
+    embedder = ModelEmbedder(LoadedModel(_Scaled(), _small_card(), "scaled-1"), threads=1)
     embedder.precision = "fp16"  # as on a GPU
     embedder._instances.get()
     embedder._instances.put(_FakeHalf({1}))
@@ -134,7 +134,7 @@ class _NaNModel(nn.Module):
 
 
 def test_rows_non_finite_in_fp32_are_refused_by_row() -> None:
-    embedder = Embedder(LoadedModel(_NaNModel(), _small_card(), "nan-1"), threads=1)
+    embedder = ModelEmbedder(LoadedModel(_NaNModel(), _small_card(), "nan-1"), threads=1)
     with pytest.raises(NonFiniteEmbeddingError) as info:
         embedder.embed(_batch(2, size=16))
     assert info.value.rows == [0] and info.value.transient
@@ -143,7 +143,7 @@ def test_rows_non_finite_in_fp32_are_refused_by_row() -> None:
 
 def test_output_width_must_match_the_card() -> None:
     card = ModelCard("wrong", input_size=16, output_dim=5)
-    embedder = Embedder(LoadedModel(_Scaled(), card, "wrong-1"), threads=1)
+    embedder = ModelEmbedder(LoadedModel(_Scaled(), card, "wrong-1"), threads=1)
     with pytest.raises(ConfigError, match="output_dim"):
         embedder.embed(_batch(2, size=16))
 
@@ -168,8 +168,8 @@ def test_precision_and_batch_size_choices() -> None:
     assert preferred_sizes(EngineOptions(max_batch=4), plain_card, cuda) == (1, 2, 4)
 
 
-def test_bf16_on_the_cpu_stays_close_to_fp32(plain: Embedder) -> None:
-    bf16 = Embedder(load_model(None), threads=2, options=EngineOptions(precision="bf16"))
+def test_bf16_on_the_cpu_stays_close_to_fp32(plain: ModelEmbedder) -> None:
+    bf16 = ModelEmbedder(load_model(None), threads=2, options=EngineOptions(precision="bf16"))
     batch = _batch(4, seed=5)
     assert bf16.precision == "bf16"
     assert _cosines(bf16.embed(batch), plain.embed(batch)).min() >= 0.99
@@ -255,9 +255,9 @@ TRT_FP16_MIN_COSINE = 0.99
     [("fp32", FP32_GPU_MIN_COSINE), ("fp16", FP16_MIN_COSINE), ("bf16", 0.99)],
 )
 def test_gpu_runner_matches_the_cpu_reference(
-    plain: Embedder, precision: str, floor: float
+    plain: ModelEmbedder, precision: str, floor: float
 ) -> None:
-    embedder = Embedder(
+    embedder = ModelEmbedder(
         load_model(None),
         device="cuda",
         options=EngineOptions(backend="torch", precision=precision, max_batch=16, in_flight=2),  # type: ignore[arg-type]
@@ -270,8 +270,8 @@ def test_gpu_runner_matches_the_cpu_reference(
 
 @gpu
 @needs_cuda
-def test_cuda_graphs_and_instances_give_the_same_vectors(plain: Embedder) -> None:
-    embedder = Embedder(
+def test_cuda_graphs_and_instances_give_the_same_vectors(plain: ModelEmbedder) -> None:
+    embedder = ModelEmbedder(
         load_model(None),
         device="cuda",
         options=EngineOptions(
@@ -295,17 +295,17 @@ def test_cuda_graphs_and_instances_give_the_same_vectors(plain: Embedder) -> Non
 
 @gpu
 @needs_cuda
-def test_tensorrt_engine_is_built_once_and_cached(plain: Embedder, tmp_path: Path) -> None:
+def test_tensorrt_engine_is_built_once_and_cached(plain: ModelEmbedder, tmp_path: Path) -> None:
     pytest.importorskip("tensorrt")
     options = EngineOptions(
         backend="tensorrt", precision="fp16", max_batch=16, engine_cache_dir=str(tmp_path)
     )
-    first = Embedder(load_model(None), device="cuda", options=options)
+    first = ModelEmbedder(load_model(None), device="cuda", options=options)
     assert first.backend == "tensorrt"
     engines = list(tmp_path.glob("*.engine"))
     assert len(engines) == 1
     built_at = engines[0].stat().st_mtime_ns
-    second = Embedder(load_model(None), device="cuda", options=options)
+    second = ModelEmbedder(load_model(None), device="cuda", options=options)
     assert engines[0].stat().st_mtime_ns == built_at  # loaded from the cache
     batch = _batch(13, seed=2)
     assert _cosines(second.embed(batch), plain.embed(batch)).min() >= TRT_FP16_MIN_COSINE
@@ -318,7 +318,7 @@ def test_the_backend_line_says_why_tensorrt_is_not_used() -> None:
 
     configure_logging("console", "info")  # an earlier test may have raised the level
     with capture_logs() as logs:
-        embedder = Embedder(load_model(None), threads=1)
+        embedder = ModelEmbedder(load_model(None), threads=1)
     (line,) = [e for e in logs if e["event"] == "embedding_backend"]
     assert line["log_level"] == "info" and line["backend"] == "torch"
     assert line["tensorrt"].startswith("device is cpu")

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from common.errors import JobFailure, PermanentError, Reason, TransientError
-from workers.fetch.fetcher import Fetcher, FetchResult, redact_url
+from tests.support.fetching import url_fetcher
+from workers.fetch.http import redact_url
+from workers.fetch.types import FetchResult
 
 IMAGE_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
 # The SSRF guard refuses loopback by default; these tests allow their own server.
@@ -125,7 +127,7 @@ def base_url() -> Iterator[str]:
 def _fetch(url: str, **fetcher_kwargs: Any) -> FetchResult:
     async def go() -> FetchResult:
         fetcher_kwargs.setdefault("allow_networks", LOOPBACK)
-        async with Fetcher(**fetcher_kwargs) as fetcher:
+        async with url_fetcher(**fetcher_kwargs) as fetcher:
             return await fetcher.fetch(url)
 
     return asyncio.run(go())
@@ -244,7 +246,7 @@ def test_failures_do_not_leak_pooled_connections(base_url: str) -> None:
     # With one connection per host, any response left unreleased would make the next
     # request wait for a free connection until it timed out.
     async def go() -> bytes:
-        async with Fetcher(
+        async with url_fetcher(
             per_host_limit=1,
             total_limit=1,
             total_timeout_s=3.0,
@@ -263,7 +265,7 @@ def test_failures_do_not_leak_pooled_connections(base_url: str) -> None:
 
 def test_concurrent_fetches_share_the_pool(base_url: str) -> None:
     async def go() -> list[FetchResult]:
-        async with Fetcher(per_host_limit=4, allow_networks=LOOPBACK) as fetcher:
+        async with url_fetcher(per_host_limit=4, allow_networks=LOOPBACK) as fetcher:
             return await asyncio.gather(
                 *(fetcher.fetch(f"{base_url}/image.png?n={n}") for n in range(20))
             )

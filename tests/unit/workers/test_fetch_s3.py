@@ -9,8 +9,9 @@ import pytest
 
 from common.errors import JobFailure, Reason
 from tests.conftest import s3_client
-from workers.fetch.fetcher import Fetcher, FetchResult
+from tests.support.fetching import url_fetcher
 from workers.fetch.s3 import S3Fetcher, parse_s3_url
+from workers.fetch.types import FetchResult
 
 PAYLOAD = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 100
 BUCKET = "catalogue-images"
@@ -33,7 +34,7 @@ def s3(endpoint: str, **kwargs: Any) -> S3Fetcher:
 
 def fetch(fetcher: S3Fetcher, url: str, **validators: Any) -> FetchResult:
     async def go() -> FetchResult:
-        async with Fetcher(s3=fetcher) as f:
+        async with url_fetcher(s3=fetcher) as f:
             return await f.fetch(url, **validators)
 
     return asyncio.run(go())

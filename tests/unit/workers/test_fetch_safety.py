@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from common.errors import JobFailure, PermanentError, Reason, TransientError
-from imgfleet.demo.image_server import ImageServer
-from workers.fetch.fetcher import Fetcher, FetchResult
+from tests.support.faulty_image_server import FaultyImageServer as ImageServer
+from tests.support.fetching import url_fetcher
+from workers.fetch.types import FetchResult
 from workers.fetch.url_guard import AddressPolicy, BlockedAddressError
 
 LOOPBACK = ["127.0.0.1/32"]
@@ -34,7 +35,7 @@ def fetch(url: str, **kwargs: Any) -> FetchResult:
     validators = {k: kwargs.pop(k) for k in ("etag", "last_modified") if k in kwargs}
 
     async def go() -> FetchResult:
-        async with Fetcher(**kwargs) as fetcher:
+        async with url_fetcher(**kwargs) as fetcher:
             return await fetcher.fetch(url, **validators)
 
     return asyncio.run(go())

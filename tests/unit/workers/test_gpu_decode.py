@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.decode.nvjpeg import DecodeRouter, gpu_available, gpu_eligible, jpeg_info
+from workers.decode.nvjpeg import gpu_available, gpu_eligible, jpeg_info
 from workers.decode.preprocess import reference_preprocess
+from workers.decode.routing import DecodeRouter
 
 
 def encode(img: Image.Image, fmt: str, **options: object) -> bytes:

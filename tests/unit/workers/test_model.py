@@ -1,4 +1,4 @@
-"""Default embedding model, TorchScript loading, model cards and the Embedder."""
+"""Default embedding model, TorchScript loading, model cards and the ModelEmbedder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from common.errors import ConfigError
-from workers.embed.embedder import Embedder
+from tests.support.models import save_default_as_torchscript
+from workers.embed.embedder import ModelEmbedder
 from workers.embed.model import (
     DEFAULT_MODEL_NAME,
     IMAGENET_MEAN,
@@ -20,7 +21,6 @@ from workers.embed.model import (
     ModelCard,
     card_path_for,
     load_model,
-    save_default_as_torchscript,
 )
 
 INPUT_SIZE = 224
@@ -92,8 +92,8 @@ def _degraded_copy(image: Image.Image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def default_embedder() -> Embedder:
-    return Embedder(load_model(None), threads=2)
+def default_embedder() -> ModelEmbedder:
+    return ModelEmbedder(load_model(None), threads=2)
 
 
 def test_default_model_is_deterministic() -> None:
@@ -102,8 +102,8 @@ def test_default_model_is_deterministic() -> None:
     assert first.model_id.startswith(f"{DEFAULT_MODEL_NAME}-")
     assert len(first.model_id) == len(DEFAULT_MODEL_NAME) + 1 + 12
     batch = _random_batch(4)
-    a = Embedder(first, threads=1).embed(batch)
-    b = Embedder(second, threads=1).embed(batch)
+    a = ModelEmbedder(first, threads=1).embed(batch)
+    b = ModelEmbedder(second, threads=1).embed(batch)
     np.testing.assert_array_equal(a, b)
 
 
@@ -115,14 +115,14 @@ def test_building_the_model_leaves_global_rng_alone() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_outputs_are_unit_norm_with_card_dim(default_embedder: Embedder) -> None:
+def test_outputs_are_unit_norm_with_card_dim(default_embedder: ModelEmbedder) -> None:
     vectors = default_embedder.embed(_random_batch(5))
     assert vectors.dtype == np.float32 and vectors.shape == (5, 256)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert default_embedder.dim == 256
 
 
-def test_embedder_normalises_with_the_card(default_embedder: Embedder) -> None:
+def test_embedder_normalises_with_the_card(default_embedder: ModelEmbedder) -> None:
     batch = _random_batch(2, seed=7)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -132,7 +132,7 @@ def test_embedder_normalises_with_the_card(default_embedder: Embedder) -> None:
     np.testing.assert_allclose(default_embedder.embed(batch), expected, atol=1e-5)
 
 
-def test_embed_rejects_wrong_input(default_embedder: Embedder) -> None:
+def test_embed_rejects_wrong_input(default_embedder: ModelEmbedder) -> None:
     with pytest.raises(ValueError):
         default_embedder.embed(_random_batch(1).astype(np.float32))
     with pytest.raises(ValueError):
@@ -151,7 +151,7 @@ def test_model_card_json_round_trip(tmp_path: Path) -> None:
         ModelCard.load(path)
 
 
-def test_torchscript_round_trip(tmp_path: Path, default_embedder: Embedder) -> None:
+def test_torchscript_round_trip(tmp_path: Path, default_embedder: ModelEmbedder) -> None:
     model_path = tmp_path / "default.pt"
     card = save_default_as_torchscript(model_path)
     loaded = load_model(str(model_path))
@@ -161,7 +161,7 @@ def test_torchscript_round_trip(tmp_path: Path, default_embedder: Embedder) -> N
     assert load_model(str(model_path)).model_id == loaded.model_id
     batch = _random_batch(3, seed=3)
     np.testing.assert_allclose(
-        Embedder(loaded, threads=2).embed(batch), default_embedder.embed(batch), atol=1e-5
+        ModelEmbedder(loaded, threads=2).embed(batch), default_embedder.embed(batch), atol=1e-5
     )
 
 
@@ -183,7 +183,7 @@ def test_bad_model_paths_are_config_errors(tmp_path: Path) -> None:
         load_model(str(junk))
 
 
-def test_degraded_copies_find_their_original(default_embedder: Embedder) -> None:
+def test_degraded_copies_find_their_original(default_embedder: ModelEmbedder) -> None:
     rng = np.random.default_rng(2024)
     images = [_synthetic_image(rng) for _ in range(N_SYNTHETIC)]
     originals = default_embedder.embed(np.stack([_centre_resize(im) for im in images]))

@@ -11,9 +11,10 @@ from structlog.testing import capture_logs
 
 from common.errors import ConfigError
 from tests.conftest import s3_client
+from tests.support.models import save_default_as_torchscript
 from workers.embed.backends import EngineOptions
-from workers.embed.embedder import Embedder
-from workers.embed.model import DefaultEmbedder, load_model, save_default_as_torchscript
+from workers.embed.embedder import ModelEmbedder
+from workers.embed.model import DefaultEmbedder, load_model
 from workers.embed.model_card import ModelCard, card_path_for
 from workers.embed.model_sources import parse_s3_model_url, resolve_model_path
 from workers.embed.onnx_export import INPUT_NAME, export_model, export_onnx
@@ -90,9 +91,9 @@ def test_torchscript_exports_through_the_legacy_exporter(tmp_path: Path) -> None
 
 
 def test_onnx_model_falls_back_to_pytorch_with_a_log_line(exported: Path) -> None:
-    reference = Embedder(load_model(None), threads=1).embed(_batch(3))
+    reference = ModelEmbedder(load_model(None), threads=1).embed(_batch(3))
     with capture_logs() as logs:
-        embedder = Embedder(
+        embedder = ModelEmbedder(
             load_model(str(exported)), threads=1, options=EngineOptions(backend="tensorrt")
         )
     assert embedder.backend == "torch" and embedder.precision == "fp32"
@@ -110,7 +111,7 @@ def test_onnx_without_card_or_twin(tmp_path: Path, exported: Path) -> None:
     loaded = load_model(str(lonely))
     assert loaded.module is None
     with pytest.raises(ConfigError, match="TorchScript twin"):
-        Embedder(loaded, threads=1)
+        ModelEmbedder(loaded, threads=1)
 
 
 def test_local_paths_resolve_and_missing_ones_are_config_errors(tmp_path: Path) -> None:

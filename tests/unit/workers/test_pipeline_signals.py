@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,10 @@ from common.errors import PermanentError, Reason, TransientError, UnrecoverableE
 from common.observability.health import Health
 from common.observability.metrics import Metrics
 from common.schema import Job, Lane, Op
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from index.segments import SegmentWriter, list_segments, read_segment
+from workers.decode.types import DecodeResult
+from workers.fetch.types import FetchResult
 from workers.pipeline import PipelineSettings, Worker
 
 DIM = 8
@@ -37,38 +39,23 @@ SETTINGS = PipelineSettings(
 )
 
 
-@dataclass
-class Fetched:
-    data: bytes
-    etag: str | None = None
-    last_modified: str | None = None
-    not_modified: bool = False
-
-
 class Fetcher:
     def __init__(self) -> None:
         self.flaky_left = 1
 
-    async def fetch(self, url: str, **_: Any) -> Fetched:
+    async def fetch(self, url: str, **_: Any) -> FetchResult:
         if url.endswith("/gone.jpg"):
             raise PermanentError("HTTP 404", Reason.HTTP_404)
         if url.endswith("/flaky.jpg") and self.flaky_left:
             self.flaky_left -= 1
             raise TransientError("read timed out", Reason.TIMEOUT)
-        return Fetched(url.encode())
-
-
-@dataclass
-class Decoded:
-    pixels: np.ndarray
-    recovered: bool
-    format: str = "jpeg"
-    path: str = "pillow-draft"
+        return FetchResult(url.encode(), None, None, 0.0)
 
 
 class Decoder:
-    async def decode(self, data: bytes) -> Decoded:
-        return Decoded(np.zeros((4, 4, 3), np.uint8), recovered=data.endswith(b"/trunc.jpg"))
+    async def decode(self, data: bytes) -> DecodeResult:
+        pixels, recovered = np.zeros((4, 4, 3), np.uint8), data.endswith(b"/trunc.jpg")
+        return DecodeResult(pixels, "jpeg", 4, 4, recovered, decode_ms=0.0, path="pillow-draft")
 
 
 class Embedder:
@@ -200,7 +187,7 @@ def test_a_hung_embed_fails_liveness_until_the_batch_completes(tmp_path: Path) -
 
 
 class BrokenDecoder:
-    async def decode(self, data: bytes) -> Decoded:
+    async def decode(self, data: bytes) -> DecodeResult:
         raise UnrecoverableError("the decode pool died 20 times in a row", "decode_pool")
 
 

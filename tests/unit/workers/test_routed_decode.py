@@ -8,9 +8,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from workers.decode.cpu import DecodeResult, decode_image
-from workers.decode.nvjpeg import DecodeRouter
-from workers.decode.routing import RoutedDecoder
+from workers.decode.cpu import decode_image
+from workers.decode.routing import DecodeRouter, RoutedDecoder
+from workers.decode.types import DecodeResult
 
 
 def _encode(fmt: str, size: tuple[int, int] = (320, 240)) -> bytes:
@@ -62,6 +62,7 @@ def test_concurrent_jpegs_are_decoded_on_the_gpu_in_one_batch() -> None:
     results = asyncio.run(main())
     assert gpu.batches == [6] and cpu.calls == 0
     assert [r.path for r in results] == ["nvjpeg"] * 6
+    assert all(r.on_gpu for r in results)
     assert [(r.width, r.height) for r in results] == [(320 + i, 240) for i in range(6)]
     assert all(r.pixels.shape == (224, 224, 3) for r in results)
 
@@ -81,6 +82,7 @@ def test_png_webp_and_rejected_jpegs_go_to_the_cpu() -> None:
     png, webp, fallback = asyncio.run(main())
     assert png.format == "png" and webp.format == "webp"
     assert fallback.path != "nvjpeg" and fallback.pixels.shape == (224, 224, 3)
+    assert not fallback.on_gpu
     assert cpu.calls == 3 and gpu.batches == [1]
     assert decoder.gpu_fallbacks == 1
 
@@ -89,8 +91,8 @@ def test_a_jpeg_over_the_pixel_cap_never_reaches_the_gpu() -> None:
     cpu, gpu = _Cpu(), _Gpu()
     decoder = _decoder(cpu, gpu, max_pixels=1000)
     result = asyncio.run(decoder.decode(_encode("JPEG", (20, 20))))  # 400 px: allowed
-    assert result.path == "nvjpeg"
+    assert result.path == "nvjpeg" and result.on_gpu
     # 76,800 px: over the cap, so the CPU path (which refuses it in a real worker) gets it.
     over = asyncio.run(decoder.decode(_encode("JPEG", (320, 240))))
-    assert over.path != "nvjpeg"
+    assert over.path != "nvjpeg" and not over.on_gpu
     assert gpu.batches == [1] and cpu.calls == 1

@@ -17,9 +17,10 @@ import pytest
 from common.brokers.local.broker import LocalBroker
 from common.identity import content_hash
 from common.schema import Job
-from common.storage.base import LocalStorage
+from common.storage.local import LocalStorage
 from index.segments import SegmentWriter, list_segments, read_segment
-from workers.fetch.fetcher import FetchResult
+from workers.decode.types import DecodeResult
+from workers.fetch.types import FetchResult
 from workers.fetch.unchanged import UnchangedImages
 from workers.pipeline import PipelineSettings, Worker
 
@@ -52,19 +53,14 @@ class FakeFetcher:
         return FetchResult(self.bodies[url], current, "Sat, 21 Nov 2026 00:00:00 GMT", 1.0)
 
 
-@dataclass
-class Decoded:
-    pixels: np.ndarray
-    recovered: bool = False
-
-
 class CountingDecoder:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def decode(self, data: bytes) -> Decoded:
+    async def decode(self, data: bytes) -> DecodeResult:
         self.calls += 1
-        return Decoded(np.zeros((224, 224, 3), np.uint8))
+        pixels = np.zeros((224, 224, 3), np.uint8)
+        return DecodeResult(pixels, "png", 224, 224, recovered=False, decode_ms=0.0, path="vips")
 
 
 class CountingEmbedder:

@@ -1,0 +1,45 @@
+"""Test hooks for ``workers.decode.pool.DecodePool``, kept out of the production package.
+
+``HookedDecodePool`` is a ``DecodePool`` that tests can also make run any function in one
+of its processes (``run_in_worker``), crash a process the way a native decoder crash would
+(``crash_a_worker``), and decode without an event loop (``decode_sync``). Each goes through
+the pool's own submission path, so crashes are translated and the executor replaced
+exactly as for a real decode.
+
+Functions sent to a process must be importable there: module-level functions (like
+``crash_worker`` and ``ping`` below) pickle by reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from workers.decode.pool import DecodePool
+from workers.decode.types import DecodeResult
+
+T = TypeVar("T")
+
+
+def crash_worker() -> None:
+    """Kill the pool process the way a native decoder crash would (no cleanup)."""
+    os._exit(1)
+
+
+def ping() -> bool:
+    """A job that always succeeds: the pool's processes are working."""
+    return True
+
+
+class HookedDecodePool(DecodePool):
+    def run_in_worker(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """``fn(*args)`` in a pool process; a dead process surfaces as DECODER_CRASHED."""
+        return self._submit_raw(fn, *args)
+
+    def crash_a_worker(self) -> Future[None]:
+        return self.run_in_worker(crash_worker)
+
+    def decode_sync(self, data: bytes) -> DecodeResult:
+        return self._submit_decode(data).result()
