@@ -12,6 +12,7 @@ and the producers start in well under a second.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from common.brokers.base import Broker, DeadLetter
 from common.brokers.local.broker import LocalBroker
-from common.config import IndexConfig, Settings
+from common.config import CmsConfig, IndexConfig, ProducerConfig, Settings
 from common.errors import ConfigError
 from common.observability.logging import get_logger
 from common.storage.base import Storage
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from index.params import IndexPolicy
     from index.segments import SegmentWriter
     from producers.catalogue.reader import Catalogue
+    from producers.cms.runtime import IntakeSettings
     from producers.nightly.run import RunOptions
     from workers.decode.pool import DecodePool
     from workers.decode.routing import RoutedDecoder
@@ -476,3 +478,47 @@ def open_catalogue(settings: Settings, source: str, *, format: str | None) -> Ca
     s3_client = s3_client_from_config(settings.storage) if is_s3_url(source) else None
     mapping = ColumnMapping.from_config(settings.producer)
     return open_source(source, mapping, s3_client=s3_client, format=format)
+
+
+# -- the CMS intake -----------------------------------------------------------------------
+
+
+def intake_settings(
+    cms: CmsConfig, producer: ProducerConfig, *, insecure_no_auth: bool = False
+) -> IntakeSettings:
+    """Settings for an intake listening on ``cms.host``; refuse to run open by accident."""
+    from producers.cms.runtime import IntakeSettings
+
+    tokens = tuple(t.get_secret_value() for t in cms.tokens)
+    if any(not t.strip() for t in tokens):
+        raise ConfigError("cms.tokens holds an empty token")
+    if insecure_no_auth:
+        if not _is_loopback(cms.host):
+            raise ConfigError(
+                f"--insecure-no-auth only binds a loopback address, not cms.host="
+                f"{cms.host!r}; configure cms.tokens for anything else"
+            )
+        tokens = ()
+    elif not tokens:
+        raise ConfigError(
+            "cms.tokens is empty: the intake will not accept unauthenticated changes. "
+            "Set IMGFLEET_CMS__TOKENS='[\"<token>\"]' (several for rotation), or pass "
+            "--insecure-no-auth for a loopback development listener"
+        )
+    return IntakeSettings(
+        tokens=tokens,
+        max_items_per_request=cms.max_items_per_request,
+        max_body_bytes=cms.max_body_bytes,
+        max_images_per_item=producer.max_images_per_item,
+        publish_timeout_s=cms.publish_timeout_s,
+        idempotency_ttl_s=cms.idempotency_ttl_s,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

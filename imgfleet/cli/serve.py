@@ -8,11 +8,14 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.config import Settings
 from common.observability.logging import get_logger
 from imgfleet.cli.parser import subcommand
+
+if TYPE_CHECKING:
+    from producers.cms.runtime import IntakeSettings
 
 
 def register(sub: Any) -> None:
@@ -44,7 +47,7 @@ def _cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_cms(args: argparse.Namespace, settings: Settings) -> int:
-    from producers.cms.runtime import IntakeSettings
+    from imgfleet.factories import intake_settings
 
     cms = settings.cms.model_copy(
         update={
@@ -53,20 +56,18 @@ def _cmd_cms(args: argparse.Namespace, settings: Settings) -> int:
         }
     )
     # Checked before anything connects: an open intake is refused at once.
-    intake_settings = IntakeSettings.from_config(
-        cms, settings.producer, insecure_no_auth=args.insecure_no_auth
-    )
-    asyncio.run(_serve(settings, intake_settings, cms.host, cms.port))
+    checked = intake_settings(cms, settings.producer, insecure_no_auth=args.insecure_no_auth)
+    asyncio.run(_serve(settings, checked, cms.host, cms.port))
     return 0
 
 
-async def _serve(settings: Settings, intake_settings: Any, host: str, port: int) -> None:
+async def _serve(settings: Settings, checked: IntakeSettings, host: str, port: int) -> None:
     from common.observability.metrics import IntakeMetrics
     from imgfleet.factories import make_broker, make_storage
     from producers.cms.app import Intake, serve
 
     metrics = IntakeMetrics().with_process_collectors()
-    intake = Intake(make_broker(settings), make_storage(settings), intake_settings, metrics)
+    intake = Intake(make_broker(settings), make_storage(settings), checked, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,13 +27,12 @@ from common.config import Settings, load_settings
 from common.identity import image_id_for
 from common.schema import Job, Lane, Op, decode_job
 from common.storage.local import LocalStorage
-from imgfleet.factories import make_broker, make_storage
+from imgfleet.factories import intake_settings, make_broker, make_storage
 from index.publish import build_generation
 from index.search import Searcher
 from producers.cms.app import Intake
 from producers.cms.client import CmsClient, CmsRequestError
 from producers.cms.idempotency import Claim, IdempotencyStore
-from producers.cms.runtime import IntakeSettings
 from tests.support.cms_server import IntakeThread
 from tests.support.fleet import REPO_ROOT
 from tests.support.rabbitmq import RabbitFleet, broker_config, rabbit_settings
@@ -59,7 +58,7 @@ def _intake(settings: Settings, broker: Any = None) -> Intake:
     return Intake(
         broker or make_broker(settings),
         make_storage(settings),
-        IntakeSettings.from_config(settings.cms, settings.producer),
+        intake_settings(settings.cms, settings.producer),
     )
 
 

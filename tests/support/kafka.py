@@ -30,8 +30,8 @@ from tests.support.tansu import TansuBroker, TansuUnavailable, running_tansu
 # killed worker's partitions move after it.
 SESSION_TIMEOUT_MS = 4000
 HEARTBEAT_INTERVAL_MS = 500
-# For in-process members that join one at a time and never die: the first delivery comes
-# after 1.03 s instead of 2.05 s (measured on Tansu; shorter sessions wait no less).
+# For in-process members, which never die unannounced: a join (and so the first delivery)
+# takes 1.03 s instead of 2.05 s (measured on Tansu; shorter sessions wait no less).
 QUICK_JOIN = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
 
 

@@ -121,7 +121,7 @@ async def _member(config: BrokerConfig) -> tuple[KafkaBroker, AsyncIterator[Deli
 def test_revoked_partitions_commit_what_is_done_and_never_what_finishes_later(
     tansu: TansuBroker,
 ) -> None:
-    config = broker_config(tansu, partitions=2, revoke_wait_s=0.5)
+    config = broker_config(tansu, partitions=2, revoke_wait_s=0.5, **QUICK_JOIN)
 
     async def scenario() -> None:
         first, first_stream = await _member(config)
@@ -168,7 +168,7 @@ def test_a_small_window_over_many_partitions_drains_every_record(tansu: TansuBro
     # Back-pressure pauses and resumes partitions hundreds of times here; kafka-python
     # 3.0.12 parks fetched data of a paused partition and can fail to hand it back, which
     # once stalled consumption for good.
-    config = broker_config(tansu, prefetch=48, partitions=4)
+    config = broker_config(tansu, prefetch=48, partitions=4, **QUICK_JOIN)
 
     async def scenario() -> None:
         broker = KafkaBroker.from_config(config)

@@ -26,6 +26,7 @@ from common.config import CmsConfig, ProducerConfig, load_settings
 from common.errors import ConfigError, Reason, TransientError
 from common.observability.logging import configure_logging
 from common.storage.local import LocalStorage
+from imgfleet.factories import intake_settings
 from producers.cms.app import Intake
 from producers.cms.client import CmsClient, CmsRequestError
 from producers.cms.runtime import BrokerLink, IntakeSettings
@@ -39,7 +40,7 @@ TOKENS = ("old-token-0123456789", "new-token-9876543210")
 
 def _settings(**cms: Any) -> IntakeSettings:
     config = CmsConfig(tokens=[SecretStr(t) for t in TOKENS], **cms)
-    return IntakeSettings.from_config(config, ProducerConfig(max_images_per_item=3))
+    return intake_settings(config, ProducerConfig(max_images_per_item=3))
 
 
 @pytest.fixture
@@ -228,15 +229,13 @@ def test_access_logs_carry_the_request_but_never_the_token(
 
 def test_an_intake_without_tokens_is_refused_unless_insecure_on_loopback() -> None:
     with pytest.raises(ConfigError, match=r"cms.tokens is empty.*--insecure-no-auth"):
-        IntakeSettings.from_config(CmsConfig(), ProducerConfig())
+        intake_settings(CmsConfig(), ProducerConfig())
     with pytest.raises(ConfigError, match="only binds a loopback address"):
-        IntakeSettings.from_config(
-            CmsConfig(host="0.0.0.0"), ProducerConfig(), insecure_no_auth=True
-        )
+        intake_settings(CmsConfig(host="0.0.0.0"), ProducerConfig(), insecure_no_auth=True)
     with pytest.raises(ConfigError, match="empty token"):
-        IntakeSettings.from_config(CmsConfig(tokens=[SecretStr(" ")]), ProducerConfig())
+        intake_settings(CmsConfig(tokens=[SecretStr(" ")]), ProducerConfig())
     for host in ("127.0.0.1", "::1", "localhost"):
-        open_ = IntakeSettings.from_config(
+        open_ = intake_settings(
             CmsConfig(host=host, tokens=[SecretStr("t")]), ProducerConfig(), insecure_no_auth=True
         )
         assert open_.tokens == ()
@@ -285,7 +284,7 @@ def test_settings_come_from_the_cms_and_producer_sections() -> None:
         cms={"tokens": ["abc"], "max_items_per_request": 7, "publish_timeout_s": 3},
         producer={"max_images_per_item": 5},
     )
-    intake = IntakeSettings.from_config(settings.cms, settings.producer)
+    intake = intake_settings(settings.cms, settings.producer)
     assert (intake.tokens, intake.max_items_per_request, intake.max_images_per_item) == (
         ("abc",),
         7,
