@@ -44,9 +44,7 @@ from common.errors import Reason
 disable_created_metrics()
 
 LANES = ("live", "bulk")
-QUEUE_LANES = ("live", "bulk", "retry", "dlq")
 ACK_OUTCOMES = ("indexed", "unchanged", "recovered", "deleted")
-DECODE_PATHS = ("gpu", "cpu", "recovered")
 UNKNOWN_LANE = "unknown"  # a message that is not a readable job has no lane
 
 # Per stage: the range that stage's latency lives in. A fetch is network-bound (ms to the

@@ -1,8 +1,8 @@
 """Ops commands: `imgfleet status`, `imgfleet dlq list|show`, `imgfleet requeue`, `purge`.
 
 The 3 a.m. path: `status` (is it moving? what failed?), `dlq list` (why?), fix the cause,
-`requeue --reason R` (try those again), `purge` what can never work. Broker figures come
-through the Broker protocol, run figures from index run accounting; both are composed
+`requeue --reason R` (try those again), `purge` what can never work. OpsBroker figures come
+through the OpsBroker roles, run figures from index run accounting; both are composed
 here, the one place that knows about brokers and the index at once.
 """
 
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from common.brokers.base import Broker, DeadLetter
+from common.brokers.base import DeadLetter, OpsBroker
 from common.config import Settings
 from common.errors import ConfigError, ExitCode
 from imgfleet.cli.output import error, print_json
@@ -236,7 +236,7 @@ def _filter_from(args: argparse.Namespace) -> LetterFilter | None:
 
 
 @contextlib.asynccontextmanager
-async def _connected(settings: Settings) -> AsyncIterator[Broker]:
+async def _connected(settings: Settings) -> AsyncIterator[OpsBroker]:
     broker = make_broker(settings)
     try:
         await broker.connect()
@@ -446,7 +446,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def status_snapshot(
-    broker: Broker,
+    broker: OpsBroker,
     storage: Any,
     settings: Settings,
     args: argparse.Namespace,

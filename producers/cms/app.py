@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from common.brokers.base import Broker
+from common.brokers.base import IntakeBroker
 from common.observability.logging import get_logger
 from common.observability.metrics import IntakeMetrics
 from common.schema import Job, Op
@@ -123,7 +123,7 @@ class Intake:
 
     def __init__(
         self,
-        broker: Broker,
+        broker: IntakeBroker,
         storage: Storage,
         settings: IntakeSettings,
         metrics: IntakeMetrics | None = None,

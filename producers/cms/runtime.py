@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.brokers.base import Broker
+from common.brokers.base import IntakeBroker
 from common.errors import ConfigError
 from common.observability.logging import get_logger
 from common.retry import retry_until
@@ -31,7 +31,7 @@ class IntakeSettings:
 class BrokerLink:
     """Connects the broker in the background and answers whether it is usable now."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: IntakeBroker) -> None:
         self.broker = broker
         self.connected = False
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from common.brokers.base import Broker
+from common.brokers.base import ProducerBroker
 from common.observability.metrics import ProducerMetrics
 from common.schema import Job
 from producers.nightly.rate_limit import TokenBucket
@@ -23,7 +23,7 @@ class ConfirmedBatches:
 
     def __init__(
         self,
-        broker: Broker,
+        broker: ProducerBroker,
         *,
         ledger: str | None,
         in_flight: int,
@@ -40,7 +40,6 @@ class ConfirmedBatches:
         self._tasks: set[asyncio.Task[None]] = set()
         self._failure: BaseException | None = None
         self.calls_since_mark = 0  # publish calls since the ledger was last marked
-        self.confirmed_jobs = 0
         self.unconfirmed_job_ids: list[str] = []  # of publishes that raised
 
     def _raise_failure(self) -> None:
@@ -70,7 +69,6 @@ class ConfirmedBatches:
                 self.unconfirmed_job_ids += [job.job_id for job in jobs]
                 self._fail(exc)
                 return
-            self.confirmed_jobs += len(jobs)
             for op in {job.op for job in jobs}:
                 published = self._metrics.jobs_published.labels(op.value)
                 published.inc(sum(j.op is op for j in jobs))

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from common.brokers.base import Broker
+from common.brokers.base import ProducerBroker
 from common.observability.metrics import ProducerMetrics
 from common.storage.base import Storage
 from producers.catalogue.rejects import RejectsFile
@@ -92,7 +92,7 @@ class CheckpointWriter:
     def __init__(
         self,
         storage: Storage,
-        broker: Broker,
+        broker: ProducerBroker,
         ledger: str,
         batches: ConfirmedBatches,
         base: Checkpoint,

@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.brokers.base import Broker
+from common.brokers.base import ProducerBroker
 from common.errors import ExitCode, OperatorError
 from common.observability.logging import get_logger
 from common.observability.metrics import ProducerMetrics
@@ -114,7 +114,7 @@ class CatalogueRun:
         self,
         options: RunOptions,
         *,
-        broker: Broker,
+        broker: ProducerBroker,
         storage: Storage,
         registry: RunRegistry,
         on_confirmed: OnConfirmed | None = None,

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from common.brokers.base import Broker
+from common.brokers.base import ProducerBroker
 from common.errors import ConfigError
 from common.identity import image_id_for
 from common.observability.logging import get_logger
@@ -387,7 +387,7 @@ class UpsertPhase:
 
 
 async def publish_catalogue(
-    broker: Broker,
+    broker: ProducerBroker,
     path: str | Path,
     run_id: str,
     *,

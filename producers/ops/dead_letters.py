@@ -1,4 +1,4 @@
-"""Dead-letter tools over the Broker protocol: group, show, requeue and purge.
+"""Dead-letter tools over the broker roles they need (OpsBroker): group, show, requeue and purge.
 
 Requeue puts a dead-lettered job back on the live lane with a fresh set of attempts and
 its failure appended to its history (same job id, run, item and version), and removes
@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import orjson
 
-from common.brokers.base import Broker, DeadLetter
+from common.brokers.base import DeadLetter, OpsBroker
 from common.errors import JobFailure
 from common.schema import FailureRecord, Job, Lane, decode_job
 from producers.ops.filters import LetterFilter, letter_item_id
@@ -206,7 +206,7 @@ def plan(
 
 
 async def requeue_dead_letters(
-    broker: Broker,
+    broker: OpsBroker,
     flt: LetterFilter,
     *,
     now_s: float,
@@ -277,7 +277,7 @@ def archive_record(letter: DeadLetter) -> dict[str, Any]:
 
 
 async def purge_dead_letters(
-    broker: Broker,
+    broker: OpsBroker,
     flt: LetterFilter,
     *,
     archive: LetterArchive | None,

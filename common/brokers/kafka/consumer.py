@@ -74,11 +74,6 @@ def delivery_id(tp: TopicPartition, offset: int) -> str:
     return f"{tp.topic}:{tp.partition}:{offset}"
 
 
-def parse_delivery_id(value: str) -> tuple[TopicPartition, int]:
-    topic, partition, offset = value.rsplit(":", 2)
-    return TopicPartition(topic, int(partition)), int(offset)
-
-
 class ConsumerLoop:
     def __init__(
         self,
@@ -111,7 +106,6 @@ class ConsumerLoop:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
-        self.commits = 0
 
     # -- lifecycle (any thread) ---------------------------------------------------------
 
@@ -252,7 +246,6 @@ class ConsumerLoop:
         if not offsets:
             return
         consumer.commit({tp: OffsetAndMetadata(pos, "", -1) for tp, (_, pos) in offsets.items()})
-        self.commits += 1
         with self._lock:
             for state, position in offsets.values():
                 state.committed(position)

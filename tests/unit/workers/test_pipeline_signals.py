@@ -217,7 +217,7 @@ class FailingConsume(LocalBroker):
         async def stream() -> Any:
             self.opened += 1
             raise TransientError("kafka consumer stopped: poll thread died", Reason.BROKER)
-            yield  # an async generator
+            yield  # noqa: V201 (an async generator)
 
         return stream()
 
@@ -247,7 +247,7 @@ class ConsumeOnceFailing(LocalBroker):
 
             async def failing() -> Any:
                 raise ConnectionError("Server connection unexpectedly closed")
-                yield
+                yield  # noqa: V201 (an async generator)
 
             return failing()
         return super().consume()
