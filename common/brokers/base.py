@@ -60,7 +60,7 @@ class LaneStats:
 
 # Ops tools settle dead letters through these: ``select`` picks letters, ``act`` makes their
 # outcome durable elsewhere (a confirmed republish, an archive file) before they go.
-SelectLetter = Callable[[DeadLetter], bool]
+Pick = Callable[[DeadLetter], bool]  # picks the letters to settle
 ActOnLetters = Callable[[list[DeadLetter]], Awaitable[None]]
 
 
@@ -135,12 +135,7 @@ class DeadLetterStore(Connection, Protocol):
     async def dead_letters(self, limit: int = 1000) -> list[DeadLetter]: ...
 
     async def settle_dead_letters(
-        self,
-        select: SelectLetter,
-        act: ActOnLetters,
-        *,
-        limit: int | None = None,
-        batch_size: int = 500,
+        self, select: Pick, act: ActOnLetters, *, limit: int | None = None, batch_size: int = 500
     ) -> int:
         """Remove the dead letters ``select`` picks, each only after ``act`` returned on it.
 

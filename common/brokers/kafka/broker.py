@@ -28,7 +28,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
-from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, SelectLetter
+from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, Pick
 from common.brokers.kafka.client import ClientSettings, LogReader, client_settings, ensure_topics
 from common.brokers.kafka.consumer import ConsumerLoop
 from common.brokers.kafka.dlq import KafkaLetter, collect_letters, resolution_value, resolved_keys
@@ -389,12 +389,7 @@ class KafkaBroker:
         return collect_letters(records, resolved)
 
     async def settle_dead_letters(
-        self,
-        select: SelectLetter,
-        act: ActOnLetters,
-        *,
-        limit: int | None = None,
-        batch_size: int = 500,
+        self, select: Pick, act: ActOnLetters, *, limit: int | None = None, batch_size: int = 500
     ) -> int:
         """Mark acted-on letters in the resolved topic (records cannot be deleted)."""
         letters = await asyncio.to_thread(self._unresolved_letters)

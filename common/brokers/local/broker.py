@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import common.brokers.local.ledger as local_ledger
-from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, SelectLetter
+from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, Pick
 from common.errors import ConfigError, Reason, TransientError
 from common.schema import Job, Lane
 
@@ -302,12 +302,7 @@ class LocalBroker:
         return [_letter_of(r) for r in rows]
 
     async def settle_dead_letters(
-        self,
-        select: SelectLetter,
-        act: ActOnLetters,
-        *,
-        limit: int | None = None,
-        batch_size: int = 500,
+        self, select: Pick, act: ActOnLetters, *, limit: int | None = None, batch_size: int = 500
     ) -> int:
         """Walk the DLQ in id order; delete each acted-on batch in one transaction."""
         settled = 0

@@ -36,7 +36,7 @@ from aio_pika.abc import (
 
 import common.brokers.rabbitmq.dlq as rabbitmq_dlq
 import common.brokers.rabbitmq.stats as rabbitmq_stats
-from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, SelectLetter
+from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, Pick
 from common.brokers.rabbitmq.connect import connection_url, open_connection
 from common.brokers.rabbitmq.ledger import (
     bcc_headers,
@@ -565,12 +565,7 @@ class RabbitMQBroker:
             raise TransientError(f"RabbitMQ: reading the DLQ: {exc}", Reason.BROKER) from exc
 
     async def settle_dead_letters(
-        self,
-        select: SelectLetter,
-        act: ActOnLetters,
-        *,
-        limit: int | None = None,
-        batch_size: int = 500,
+        self, select: Pick, act: ActOnLetters, *, limit: int | None = None, batch_size: int = 500
     ) -> int:
         return await rabbitmq_dlq.settle_dead_letters(
             self._require(self._connection),

@@ -28,7 +28,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from common.brokers.base import ActOnLetters, DeadLetter, SelectLetter
+from common.brokers.base import ActOnLetters, DeadLetter, Pick
 from common.brokers.rabbitmq.topology import Topology
 from common.errors import Reason, TransientError
 from common.identity import content_hash
@@ -238,7 +238,7 @@ class _Batch:
 async def settle_dead_letters(
     connection: AbstractRobustConnection,
     topology: Topology,
-    select: SelectLetter,
+    select: Pick,
     act: ActOnLetters,
     *,
     limit: int | None,
@@ -270,7 +270,7 @@ async def settle_dead_letters(
 async def _settle_pass(
     connection: AbstractRobustConnection,
     topology: Topology,
-    select: SelectLetter,
+    select: Pick,
     act: ActOnLetters,
     settled_keys: set[str],
     limit: int | None,
