@@ -27,6 +27,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+import common.defaults as defaults
 from common.errors import ConfigError
 
 
@@ -146,7 +147,7 @@ class WorkerConfig(_Section):
     decode_processes: int = Field(default=0, ge=0)  # 0: one per core
     # auto: baseline/progressive JPEGs go to nvJPEG where CUDA and torchvision are present.
     gpu_decode: Literal["auto", "off"] = "auto"
-    max_pixels: int = Field(default=50_000_000, gt=0)
+    max_pixels: int = Field(default=defaults.MAX_PIXELS, gt=0)
     truncated_policy: Literal["index", "dead_letter"] = "index"
     # A recovered (truncated) JPEG with less of its rows decodable is dead-lettered.
     recovered_min_fraction: float = Field(default=0.5, ge=0, le=1)
@@ -161,7 +162,7 @@ class WorkerConfig(_Section):
     broker_give_up_s: float = Field(default=300.0, gt=0)
     # Decode pool restarts in a row with no decode completing: exit 1 (the pool cannot
     # be restarted); a crashing image costs one restart, and successes reset the count.
-    decode_pool_max_restarts: int = Field(default=20, ge=1)
+    decode_pool_max_restarts: int = Field(default=defaults.DECODE_POOL_MAX_RESTARTS, ge=1)
 
 
 class ModelConfig(_Section):

@@ -31,13 +31,13 @@ import numpy as np
 import pyvips
 from PIL import Image, ImageFile, ImageOps
 
-from common.config import WorkerConfig
+import common.defaults as defaults
 from common.errors import JobFailure, PermanentError, Reason, TransientError
 from workers.decode.preprocess import INPUT_SIZE, resize_and_crop, to_rgb
 from workers.decode.types import DecodeResult
 
 # The configuration's default (worker.max_pixels), for callers that decode without settings.
-DEFAULT_MAX_PIXELS = WorkerConfig().max_pixels
+DEFAULT_MAX_PIXELS = defaults.MAX_PIXELS
 
 _JPEG_EOI = b"\xff\xd9"
 _PILLOW_FORMATS = {

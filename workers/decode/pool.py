@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from common.config import WorkerConfig
+import common.defaults as defaults
 from common.errors import Reason, TransientError, UnrecoverableError
 from common.observability.logging import apply_logging_config, get_logger, logging_config
 from workers.decode.cpu import DEFAULT_MAX_PIXELS, configure_decoder_threads, decode_image
@@ -137,7 +137,7 @@ class DecodePool:
         min_decoded_fraction: float = 0.0,
         start_method: str = "spawn",
         shared_slots: int | None = None,
-        max_restarts: int = WorkerConfig().decode_pool_max_restarts,
+        max_restarts: int = defaults.DECODE_POOL_MAX_RESTARTS,
         on_restart: Callable[[], None] | None = None,
     ) -> None:
         if processes < 1:
