@@ -9,7 +9,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 
 from common.config import MetricsConfig
 from tests.deploy.artifacts import DEPLOY, cli_accepts
+from tests.support.http import serving
 
 
 def _load_healthcheck() -> Any:
@@ -41,14 +41,8 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def health_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)) as url:
+        yield url
 
 
 _FAKE_IMGFLEET = """#!/bin/sh

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ import pytest
 
 from common.errors import JobFailure, PermanentError, Reason, TransientError
 from tests.support.fetching import url_fetcher
+from tests.support.http import serving
 from workers.fetch.http import redact_url
 from workers.fetch.types import FetchResult
 
@@ -114,14 +114,8 @@ class _QuietServer(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    server = _QuietServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_QuietServer(("127.0.0.1", 0), _Handler)) as url:
+        yield url
 
 
 def _fetch(url: str, **fetcher_kwargs: Any) -> FetchResult:
