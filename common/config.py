@@ -7,8 +7,10 @@ named by ``--config`` or ``IMGFLEET_CONFIG``, then the defaults below. Secrets a
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,9 +105,20 @@ class BrokerConfig(_Section):
     kafka: KafkaConfig = KafkaConfig()
     local_path: Path = Path("imgfleet-data/queue.sqlite3")
     visibility_timeout_s: float = Field(default=120.0, gt=0)
-    max_attempts: int = Field(default=5, ge=1)
+    # Transient failures retry with backoff doubling from retry_base_s, each wait drawn
+    # from [half, all] of its ceiling (workers.ack_policy). 8 attempts: one job's retries
+    # span 63.5-127 s (median 95 s over 10^5 draws), so an origin restart or CDN failover
+    # of a minute is outlived, and a dead image still reaches the DLQ in about 2 minutes
+    # (plus its fetch timeouts). 5 attempts under full jitter spanned 0-15 s (median 7.5 s;
+    # 6-8 s in the adversarial run): an origin blip of ~10 s dead-lettered all its images.
+    max_attempts: int = Field(default=8, ge=1)
     retry_base_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=300.0, ge=0)
+    # A 429/503 with Retry-After: that job retries no sooner than asked, and its host is
+    # held off as long in this worker, up to this cap (a host asking for an hour would
+    # park its images for an hour per attempt). 0: Retry-After is ignored. RabbitMQ gets
+    # delay queues up to this long.
+    retry_after_max_s: float = Field(default=120.0, ge=0)
     prefetch: int = Field(default=0, ge=0)  # jobs in flight per worker; 0: the pipeline's capacity
     poll_interval_s: float = Field(default=0.2, gt=0)
 
@@ -328,6 +341,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     for section, values in overrides.items():
         file_values.setdefault(section, {}).update(values)
+    check_env_sections(os.environ)
     try:
         return Settings(**file_values)
     except ValidationError as exc:
@@ -335,6 +349,37 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+
+
+_ENV_PREFIX = "IMGFLEET_"
+_ENV_DELIMITER = "__"
+
+
+def check_env_sections(environ: Mapping[str, str]) -> None:
+    """Refuse ``IMGFLEET_<SECTION>__<KEY>`` variables whose section does not exist.
+
+    pydantic-settings ignores them (extra="forbid" covers keys of known sections only), so
+    a typo like IMGFLEET_WORKR__MAX_BATCH would be a setting silently not applied.
+    Variables without the ``__`` delimiter are not settings (IMGFLEET_CONFIG, tokens).
+    """
+    sections = sorted(Settings.model_fields)
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()  # the settings' environment names are case-insensitive
+        if not upper.startswith(_ENV_PREFIX) or _ENV_DELIMITER not in upper:
+            continue
+        section = upper[len(_ENV_PREFIX) :].split(_ENV_DELIMITER, 1)[0].lower()
+        if section in sections:
+            continue
+        close = difflib.get_close_matches(section, sections, n=1)
+        hint = (
+            f"did you mean {_ENV_PREFIX}{close[0].upper()}{_ENV_DELIMITER}...?"
+            if close
+            else f"sections: {', '.join(sections)}"
+        )
+        problems.append(f"{name}: no configuration section {section!r} ({hint})")
+    if problems:
+        raise ConfigError(f"invalid configuration: {'; '.join(problems)}")
 
 
 def masked_dump(settings: Settings) -> dict[str, Any]:

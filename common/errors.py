@@ -34,6 +34,7 @@ class Reason(StrEnum):
     # transient
     TIMEOUT = "timeout"
     HTTP_5XX = "http_5xx"
+    HTTP_429 = "http_429"  # rate limited (Too Many Requests), Retry-After honoured
     CONNECTION = "connection"
     DECODER_CRASHED = "decoder_crashed"
     BROKER = "broker"
@@ -48,6 +49,8 @@ class ExitCode(IntEnum):
     CONFIG = 2  # invalid configuration, credentials or usage: a restart alone will not help
     MASS_DELETE = 3  # the nightly run stopped before deleting more than the guard allows
     RUN_EXISTS = 4  # the run id is taken by another catalogue or state
+    SUPERSEDED = 5  # a newer run of the catalogue serves: publishing would undo it (--force)
+    OTHER_CATALOGUE = 6  # the index serves another catalogue_name (--force switches)
     INTERRUPTED = 130  # stopped by SIGINT (Ctrl-C), after draining like SIGTERM
 
     # A worker's name for FAILED (the orchestrator restarts on anything but 0).
@@ -98,9 +101,31 @@ class PermanentError(JobFailure):
 
 
 class TransientError(JobFailure):
-    """May succeed later: retried with jittered backoff up to the attempt limit."""
+    """May succeed later: retried with jittered backoff up to the attempt limit.
+
+    ``retry_after_s``: the origin asked not to be asked again sooner (``Retry-After``, capped
+    by ``broker.retry_after_max_s``); the retry waits at least that long. ``tried=False``:
+    the job was not tried at all (its host is held off by another job's ``Retry-After``),
+    so the retry does not use up one of its attempts.
+    """
 
     transient = True
+    retry_after_s: float | None = None
+    tried: bool = True
+
+    def __init__(
+        self,
+        message: str,
+        reason: Reason | None = None,
+        *,
+        retry_after_s: float | None = None,
+        tried: bool = True,
+    ) -> None:
+        super().__init__(message, reason)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+        if not tried:
+            self.tried = False
 
 
 class BadMessageError(PermanentError):

@@ -1,4 +1,4 @@
-"""Retry timing: jittered exponential backoff, and one retry-until-deadline loop.
+"""Retry timing: jittered exponential backoff, ``Retry-After``, one retry-until-deadline loop.
 
 ``retry_until`` is the one connect-retry loop of the project (broker connects, the
 worker's connect-with-give-up, the CMS intake's first connect): doubling waits up to a
@@ -9,8 +9,11 @@ name (a transient broker error, an unrecoverable worker error).
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -22,15 +25,59 @@ OnRetry = Callable[[BaseException, float, float], None]
 
 
 def backoff_delay_s(
-    attempt: int, base_s: float, max_s: float, rng: random.Random | None = None
+    attempt: int,
+    base_s: float,
+    max_s: float,
+    rng: random.Random | None = None,
+    *,
+    min_fraction: float = 0.0,
 ) -> float:
-    """Full-jitter backoff: uniform in [0, min(max, base * 2**attempt)].
+    """Jittered backoff: uniform in [min_fraction * ceiling, ceiling], where the ceiling is
+    min(max, base * 2**attempt). ``min_fraction=0`` is full jitter, 0.5 "equal jitter".
 
-    Full jitter spreads the retries of a burst of failures (an origin that went down for
-    everyone at once) instead of synchronising them into waves.
+    Jitter spreads the retries of a burst of failures (an origin that went down for
+    everyone at once) instead of synchronising them into waves; a floor guarantees the
+    retries of one job span a known minimum time.
     """
     ceiling_s = min(max_s, base_s * (2 ** max(attempt, 0)))
-    return (rng or random).uniform(0.0, ceiling_s)
+    return (rng or random).uniform(min_fraction * ceiling_s, ceiling_s)
+
+
+# Retry-After's delay-seconds is 1*DIGIT (RFC 9110 10.2.3); a decimal fraction is accepted
+# too, since some servers send one and its meaning is plain.
+_DELAY_SECONDS = re.compile(r"\d{1,12}(?:\.\d+)?")
+
+
+def parse_retry_after_s(value: str | None, *, now_s: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP-date).
+
+    ``None`` for a missing or unreadable value; 0 for a date in the past. ``now_s`` is the
+    wall-clock time (``time.time()``) an HTTP-date is measured from.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if _DELAY_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # an HTTP-date is always GMT (RFC 9110 5.6.7)
+        when = when.replace(tzinfo=datetime.UTC)
+    now = time.time() if now_s is None else now_s
+    return max(0.0, when.timestamp() - now)
+
+
+def at_least_s(wanted_s: float, rng: random.Random | None = None) -> float:
+    """A wait of no less than ``wanted_s``, spread up to 20 % beyond it.
+
+    Jobs told to wait the same time (a burst that met one 429, the jobs held off behind it)
+    would otherwise all come back in the same instant; the CMS client spreads the same way.
+    """
+    return wanted_s * (rng or random).uniform(1.0, 1.2)
 
 
 async def retry_until(

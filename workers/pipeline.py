@@ -571,14 +571,16 @@ class Worker:
                     retry_max_s=s.retry_max_s,
                 )
                 if outcome.retry:
-                    await self.broker.retry(delivery, job.next_attempt(), outcome.delay_s)
+                    # A job held off (its host asked for a wait) was not tried: same attempt.
+                    again = job.next_attempt() if outcome.uses_attempt else job
+                    await self.broker.retry(delivery, again, outcome.delay_s)
                     self.stats.retried += 1
                     self.metrics.jobs_retried.labels(reason=outcome.reason).inc()
                     self.log.info(
-                        "retry scheduled",
+                        "retry scheduled" if outcome.uses_attempt else "held off",
                         reason=outcome.reason,
                         delay_s=round(outcome.delay_s, 2),
-                        attempt=job.attempt + 1,
+                        attempt=again.attempt,
                         **context,
                     )
                 else:

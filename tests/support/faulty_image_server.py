@@ -1,10 +1,11 @@
 """The loopback image server of the demo, made to misbehave per path, for tests.
 
 ``FaultyImageServer`` serves like ``imgfleet.demo.image_server.ImageServer`` and adds the
-faults a CDN has: answer with an error status for the next N requests, answer slowly,
-drip the body a few bytes at a time, redirect (a loop, if pointed at itself), or send a
-gzip bomb; and it counts how often each path was asked for and how many 304s it gave (to
-check retries and caching). A fault is set for a path *suffix*, matched on whole path
+faults a CDN has: answer with an error status for the next N requests (with Retry-After,
+if asked), answer slowly, drip the body a few bytes at a time, redirect (a loop, if
+pointed at itself), or send a gzip bomb; and it counts how often each path was asked for
+and how many 304s it gave (to check retries and caching), and when (``request_times``, to
+check their spacing). A fault is set for a path *suffix*, matched on whole path
 segments ("a.jpg" does not also catch "/images/extra.jpg").
 
     with FaultyImageServer(root) as server:
@@ -13,6 +14,7 @@ segments ("a.jpg" does not also catch "/images/extra.jpg").
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import os
 import threading
@@ -29,6 +31,16 @@ from imgfleet.demo.image_server import ImageRequestHandler, ImageServer
 class _Failure:
     status: int
     remaining: int
+    retry_after_s: float | None = None
+    retry_after_date: bool = False
+
+    def retry_after(self) -> str | None:
+        """The Retry-After header value, worked out when the answer is sent."""
+        if self.retry_after_s is None:
+            return None
+        if self.retry_after_date:
+            return email.utils.formatdate(time.time() + self.retry_after_s, usegmt=True)
+        return f"{self.retry_after_s:g}"
 
 
 @dataclass(frozen=True)
@@ -65,9 +77,9 @@ class _FaultyHandler(ImageRequestHandler):
         delay_s = owner._delay_for(path)
         if delay_s > 0:
             time.sleep(delay_s)
-        status = owner._take_failure(path)
-        if status is not None:
-            self.send_plain(status, send_body)
+        failure = owner._take_failure(path)
+        if failure is not None:
+            self._send_failure(failure, send_body)
             return
         with owner._lock:
             location = _matching(owner._redirects, path)
@@ -100,6 +112,20 @@ class _FaultyHandler(ImageRequestHandler):
             self.wfile.flush()
             time.sleep(drip.interval_s)
 
+    def _send_failure(self, failure: _Failure, send_body: bool) -> None:
+        retry_after = failure.retry_after()
+        if retry_after is None:
+            self.send_plain(failure.status, send_body)
+            return
+        body = f"{failure.status} {HTTPStatus(failure.status).phrase}\n".encode()
+        self.send_response(failure.status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Retry-After", retry_after)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
     def _send_bomb(self, bomb: _Bomb, send_body: bool) -> None:
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "image/jpeg")
@@ -124,18 +150,33 @@ class FaultyImageServer(ImageServer):
         self._redirects: dict[str, str] = {}
         self._bombs: dict[str, _Bomb] = {}
         self._counts: Counter[str] = Counter()
+        self._times: dict[str, list[float]] = {}
         self._not_modified = 0
 
     # --- faults ----------------------------------------------------------------------------
 
-    def fail_next(self, path_suffix: str, status: int, times: int = 1) -> None:
-        """The next ``times`` requests whose path ends with ``path_suffix`` get ``status``."""
+    def fail_next(
+        self,
+        path_suffix: str,
+        status: int,
+        times: int = 1,
+        *,
+        retry_after_s: float | None = None,
+        retry_after_date: bool = False,
+    ) -> None:
+        """The next ``times`` requests whose path ends with ``path_suffix`` get ``status``.
+
+        With ``retry_after_s`` the answers carry ``Retry-After``: that many seconds, or,
+        with ``retry_after_date``, the HTTP-date that many seconds after the answer.
+        """
         HTTPStatus(status)  # reject codes the handler could not describe
         with self._lock:
             if times <= 0:
                 self._failures.pop(path_suffix, None)
             else:
-                self._failures[path_suffix] = _Failure(status, times)
+                self._failures[path_suffix] = _Failure(
+                    status, times, retry_after_s, retry_after_date
+                )
 
     def delay_s(self, path_suffix: str, seconds: float) -> None:
         """Every request for a matching path waits ``seconds`` first; 0 removes the delay."""
@@ -188,6 +229,13 @@ class FaultyImageServer(ImageServer):
         with self._lock:
             return sum(n for p, n in self._counts.items() if _suffix_matches(p, path))
 
+    def request_times(self, path: str) -> list[float]:
+        """``time.monotonic()`` at each request whose path ends with ``path``, in order."""
+        with self._lock:
+            return sorted(
+                t for p, times in self._times.items() if _suffix_matches(p, path) for t in times
+            )
+
     def total_requests(self) -> int:
         with self._lock:
             return sum(self._counts.values())
@@ -195,12 +243,14 @@ class FaultyImageServer(ImageServer):
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._times.clear()
 
     # --- used by the handler ---------------------------------------------------------------
 
     def _count(self, path: str) -> None:
         with self._lock:
             self._counts[path] += 1
+            self._times.setdefault(path, []).append(time.monotonic())
 
     def _count_not_modified(self) -> None:
         with self._lock:
@@ -213,12 +263,12 @@ class FaultyImageServer(ImageServer):
                 default=0.0,
             )
 
-    def _take_failure(self, path: str) -> int | None:
+    def _take_failure(self, path: str) -> _Failure | None:
         with self._lock:
             for suffix, failure in self._failures.items():
                 if _suffix_matches(path, suffix):
                     failure.remaining -= 1
                     if failure.remaining <= 0:
                         del self._failures[suffix]
-                    return failure.status
+                    return failure
         return None

@@ -16,6 +16,11 @@ HTTP 5xx / 429 and timeouts are not: they mean the origin is struggling, and the
 retry policy (jittered exponential backoff over minutes, attempt limit, DLQ) is the right
 answer; retrying here as well would multiply attempts and hide load from ops.
 
+Retry-After: a 429 or 503 that carries one (seconds or an HTTP-date) makes the job's retry
+wait at least that long (capped at ``retry_after_max_s``), and holds the origin off in this
+fetcher for as long (``retry_after.HostHolds``): a job for a held origin is handed back
+for the end of the hold without a request and without using up an attempt.
+
 Conditional requests: given the ETag / Last-Modified an image had when it was last
 indexed, ``fetch`` sends If-None-Match / If-Modified-Since and reports a 304 as
 ``not_modified`` with no body.
@@ -33,8 +38,9 @@ from types import TracebackType
 
 import aiohttp
 
-from common.config import WorkerConfig
+from common.config import BrokerConfig, WorkerConfig
 from common.errors import JobFailure, PermanentError, Reason, TransientError
+from workers.fetch.retry_after import HostHolds, hold_s, origin_of
 from workers.fetch.types import FetchResult
 from workers.fetch.url_guard import AddressPolicy, GuardedResolver
 
@@ -44,6 +50,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Defaults are the configuration's (worker.*), so a fetcher built without settings (tests,
 # benchmarks) behaves like an unconfigured worker's.
 _DEFAULTS = WorkerConfig()
+_RETRY_DEFAULTS = BrokerConfig()
 
 
 def redact_url(url: str) -> str:
@@ -71,18 +78,31 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
-def error_for_status(status: int, url: str) -> JobFailure | None:
-    """The failure an HTTP status means, or None for success (2xx)."""
+def error_for_status(
+    status: int, url: str, *, retry_after_s: float | None = None
+) -> JobFailure | None:
+    """The failure an HTTP status means, or None for success (2xx).
+
+    ``retry_after_s``: the (capped) wait a 429 or 503 asked for; the retry waits as long.
+    """
     if 200 <= status < 300:
         return None
     where = redact_url(url)
+    asked = "" if retry_after_s is None else f" (Retry-After {retry_after_s:g} s)"
     if status in (404, 410):
         return PermanentError(f"HTTP {status} for {where}", Reason.HTTP_404)
     # 408 and 429 say "not now", not "never": the broker's backoff is the right answer.
-    if status in (408, 429):
+    # 429 has its own reason so that a host that keeps rate-limiting shows as such.
+    if status == 429:
+        return TransientError(
+            f"HTTP 429 for {where}{asked}", Reason.HTTP_429, retry_after_s=retry_after_s
+        )
+    if status == 408:
         return TransientError(f"HTTP {status} for {where}", Reason.HTTP_4XX)
     if status >= 500:
-        return TransientError(f"HTTP {status} for {where}", Reason.HTTP_5XX)
+        return TransientError(
+            f"HTTP {status} for {where}{asked}", Reason.HTTP_5XX, retry_after_s=retry_after_s
+        )
     if 300 <= status < 400:
         # Only reached when redirects are disabled or the response has no usable Location.
         return PermanentError(f"HTTP {status} redirect not followed: {where}", Reason.HTTP_4XX)
@@ -152,6 +172,7 @@ class HttpFetcher:
         allow_networks: Iterable[str] = (),
         retries: int = _DEFAULTS.fetch_retries,
         retry_backoff_s: float = 0.2,
+        retry_after_max_s: float = _RETRY_DEFAULTS.retry_after_max_s,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
@@ -159,6 +180,8 @@ class HttpFetcher:
             raise ValueError("max_redirects must be >= 0")
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        if retry_after_max_s < 0:
+            raise ValueError("retry_after_max_s must be >= 0")
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.total_timeout_s = total_timeout_s
@@ -169,6 +192,8 @@ class HttpFetcher:
         self.policy = AddressPolicy(allow_networks)
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
+        self.retry_after_max_s = retry_after_max_s
+        self.holds = HostHolds()  # origins that asked this fetcher to wait
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
 
@@ -265,6 +290,8 @@ class HttpFetcher:
         for hop in range(self.max_redirects + 1):
             where = redact_url(current)
             self.policy.check_literal_host(urllib.parse.urlsplit(current).hostname, where)
+            origin = origin_of(current)
+            self._raise_if_held(origin, where)
             # The exception chain is dropped (`from None`) because aiohttp's exceptions
             # may carry the URL with its credentials, and tracebacks get logged.
             try:
@@ -284,7 +311,12 @@ class HttpFetcher:
                             not_modified=True,
                             redirects=hop,
                         )
-                    failure = error_for_status(resp.status, current)
+                    wait_s = hold_s(
+                        resp.status, resp.headers.get("Retry-After"), self.retry_after_max_s
+                    )
+                    if wait_s is not None:
+                        self.holds.hold(origin, wait_s, resp.status)
+                    failure = error_for_status(resp.status, current, retry_after_s=wait_s)
                     if failure is not None:
                         raise failure
                     data = await self._read_body(resp, where)
@@ -317,6 +349,23 @@ class HttpFetcher:
         raise PermanentError(
             f"too many redirects (more than {self.max_redirects}): {redact_url(url)}",
             Reason.HTTP_4XX,
+        )
+
+    def _raise_if_held(self, origin: str, where: str) -> None:
+        """Do not ask an origin that asked this worker to wait: hand the job back for then.
+
+        Not an attempt of the job (``tried=False``): it never reached the origin.
+        """
+        held = self.holds.held(origin)
+        if held is None:
+            return
+        reason = Reason.HTTP_429 if held.status == 429 else Reason.HTTP_5XX
+        raise TransientError(
+            f"held off {held.left_s:.1f} s more: the host answered HTTP {held.status} with "
+            f"Retry-After: {where}",
+            reason,
+            retry_after_s=held.left_s,
+            tried=False,
         )
 
     def _next_hop(self, current: str, location: str) -> str:

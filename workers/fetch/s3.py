@@ -171,6 +171,8 @@ def _client_error(code: str, status: int, url: str) -> PermanentError | Transien
         "ServiceUnavailable",
     ):
         return TransientError(f"S3 {code or status}: {url}", Reason.HTTP_5XX)
-    if status in (408, 429):
+    if status == 429:
+        return TransientError(f"S3 {code or status}: {url}", Reason.HTTP_429)
+    if status == 408:
         return TransientError(f"S3 {code or status}: {url}", Reason.HTTP_4XX)
     return PermanentError(f"S3 {code or status}: {url}", Reason.HTTP_4XX)

@@ -74,11 +74,32 @@ class Topology:
         return self.delay_steps_ms[-1]
 
 
-def delay_steps_ms(retry_base_s: float, retry_max_s: float, max_attempts: int) -> tuple[int, ...]:
-    """One step per retry attempt of the exponential backoff, capped and de-duplicated."""
+def delay_steps_ms(
+    retry_base_s: float, retry_max_s: float, max_attempts: int, longest_s: float = 0.0
+) -> tuple[int, ...]:
+    """One step per retry attempt of the exponential backoff, capped and de-duplicated.
+
+    ``longest_s`` (``broker.retry_after_max_s``): steps beyond the backoff's up to that
+    long, so a retry asked to wait longer (a Retry-After) is not sent back sooner. They
+    halve down from ``longest_s``, at most ``_HOLD_STEPS`` of them: a wait between two
+    steps waits at most twice as long as asked.
+    """
     steps: list[int] = []
     for attempt in range(max(max_attempts - 1, 0)):
         ms = round(min(retry_max_s, retry_base_s * 2**attempt) * 1000)
         if ms >= 1 and ms not in steps:
             steps.append(ms)
+    longest_backoff_ms = max(steps, default=0)
+    ms = round(longest_s * 1000) if max_attempts > 1 else 0
+    for _ in range(_HOLD_STEPS):
+        if ms <= longest_backoff_ms:
+            break
+        steps.append(ms)
+        ms //= 2
     return tuple(sorted(steps))
+
+
+# Steps for Retry-After waits beyond the backoff's longest: with the defaults (backoff up
+# to 64 s, waits up to 120 s) one; with a short test backoff, 5 queues per lane more, not
+# one per doubling from 0.1 s.
+_HOLD_STEPS = 5

@@ -16,6 +16,11 @@ def test_delay_steps_follow_the_capped_exponential_backoff() -> None:
     assert delay_steps_ms(1.0, 3.0, 6) == (1000, 2000, 3000)  # capped, de-duplicated
     assert delay_steps_ms(0.0, 3.0, 5) == ()  # no backoff: no delay queues
     assert delay_steps_ms(1.0, 3.0, 1) == ()  # no retries at all
+    # Steps beyond the backoff's, up to the longest Retry-After a job may be held for.
+    assert delay_steps_ms(1.0, 300.0, 8, 120.0) == (
+        1000, 2000, 4000, 8000, 16000, 32000, 64000, 120000,
+    )  # fmt: skip
+    assert delay_steps_ms(0.1, 0.4, 4, 120.0)[-5:] == (7500, 15000, 30000, 60000, 120000)
 
 
 def test_a_delay_picks_the_shortest_step_not_below_it() -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import random
 
 import pytest
 
 from common.errors import ConfigError, Reason, TransientError
-from common.retry import backoff_delay_s, retry_until
+from common.retry import at_least_s, backoff_delay_s, parse_retry_after_s, retry_until
 
 
 class _Flaky:
@@ -66,3 +67,26 @@ def test_backoff_is_full_jitter_under_a_doubling_ceiling() -> None:
     assert all(0.0 <= d <= 8.0 for d in delays)
     assert max(backoff_delay_s(0, 1.0, 8.0, rng) for _ in range(200)) <= 1.0
     assert max(delays) > 7.0
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    now_s = 1_700_000_000.0
+    assert parse_retry_after_s("120") == 120.0
+    assert parse_retry_after_s(" 2.5 ") == 2.5
+    date = email.utils.formatdate(now_s + 90, usegmt=True)  # "Tue, 14 Nov 2023 22:14:50 GMT"
+    assert parse_retry_after_s(date, now_s=now_s) == pytest.approx(90.0)
+    assert parse_retry_after_s(email.utils.formatdate(now_s - 90, usegmt=True), now_s=now_s) == 0
+    # RFC 850 and asctime dates are HTTP-dates too (RFC 9110 5.6.7).
+    assert parse_retry_after_s("Sunday, 06-Nov-94 08:49:37 GMT", now_s=784111777.0) == 0.0
+    assert parse_retry_after_s("Sun Nov  6 08:49:37 1994", now_s=784111777.0 - 5) == 5.0
+    for unreadable in (None, "", "  ", "soon", "-1", "1e3", "inf", "nan", "12 s"):
+        assert parse_retry_after_s(unreadable) is None, unreadable
+
+
+def test_a_backoff_floor_keeps_the_spread_above_it() -> None:
+    rng = random.Random(2)
+    delays = [backoff_delay_s(3, 1.0, 300.0, rng, min_fraction=0.5) for _ in range(500)]
+    assert min(delays) >= 4.0 and max(delays) <= 8.0
+    assert max(delays) - min(delays) > 3.0  # still spread over the upper half
+    assert at_least_s(10.0, rng) >= 10.0
+    assert max(at_least_s(10.0, rng) for _ in range(200)) <= 12.0

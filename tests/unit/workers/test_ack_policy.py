@@ -29,3 +29,12 @@ def test_backoff_is_jittered_and_capped() -> None:
     assert all(0 <= d <= 10.0 for d in delays)
     assert len(set(delays)) == len(delays)
     assert max(backoff_delay_s(0, 1.0, 10.0, rng) for _ in range(200)) <= 1.0
+
+
+def test_retry_waits_have_a_floor_so_the_budget_is_predictable() -> None:
+    rng = random.Random(5)
+    exc = TransientError("503", Reason.HTTP_5XX)
+    policy = {"max_attempts": 8, "retry_base_s": 1.0, "retry_max_s": 300.0}
+    budgets = [sum(decide(exc, a, **policy, rng=rng).delay_s for a in range(7)) for _ in range(300)]
+    # Waits of [half, all] of 1, 2, ... 64 s: a job's retries span 63.5-127 s.
+    assert min(budgets) >= 63.5 and max(budgets) <= 127.0

@@ -155,7 +155,7 @@ def test_single_redirect_is_followed(base_url: str) -> None:
         ("/missing", PermanentError, Reason.HTTP_404),
         ("/gone", PermanentError, Reason.HTTP_404),
         ("/forbidden", PermanentError, Reason.HTTP_4XX),
-        ("/throttled", TransientError, Reason.HTTP_4XX),
+        ("/throttled", TransientError, Reason.HTTP_429),
         ("/busy", TransientError, Reason.HTTP_5XX),
     ],
 )
