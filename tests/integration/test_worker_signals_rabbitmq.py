@@ -10,11 +10,12 @@ import json
 import os
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -284,11 +285,16 @@ def test_sigterm_mid_run_drains_within_the_deadline_and_loses_nothing(
     assert indexed | dead | remaining == {image_id_for(j.item_id, j.image_key) for j in jobs}
 
 
-def test_readiness_follows_the_broker_and_the_worker_gives_up(
+def test_readiness_comes_back_after_an_outage_mid_run_and_the_worker_gives_up_later(
     served: tuple[RabbitFleet, FaultyImageServer], tmp_path: Path
 ) -> None:
-    fleet, _ = served
+    fleet, server = served
+    jobs = catalogue_jobs(fleet.write_big_catalogue(160))
+    publish(fleet, jobs)
+    image_names = {j.url.rsplit("/", 1)[-1] for j in jobs if j.url}
+    all_ids = {image_id_for(j.item_id, j.image_key) for j in jobs}
     port_file = tmp_path / "metrics.port"
+    give_up_s = 8
     with TcpProxy("127.0.0.1", 5672) as proxy:
         worker = fleet.spawn(
             "work",
@@ -297,25 +303,61 @@ def test_readiness_follows_the_broker_and_the_worker_gives_up(
             **ops_env(
                 port_file,
                 IMGFLEET_BROKER__URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
-                IMGFLEET_WORKER__BROKER_GIVE_UP_S="6",
+                IMGFLEET_WORKER__BROKER_GIVE_UP_S=str(give_up_s),
                 IMGFLEET_WORKER__SHUTDOWN_DEADLINE_S="2",
             ),
         )
+
+        def alive(predicate: Callable[[], bool]) -> Callable[[], bool]:
+            def check() -> bool:
+                try:
+                    if worker.poll() is None:
+                        return predicate()
+                except OSError:  # the ops listener went away: has the worker exited?
+                    worker.wait(10)
+                raise AssertionError(f"the worker exited with {worker.returncode}")
+
+            return check
+
         try:
             port = wait_for_port(port_file, worker)
-            wait_for(lambda: http_status(port, "/readyz") == 200, 120, "the worker to be ready")
+            wait_for(lambda: len(segment_records(fleet.store_root)) >= 8, 180, "the first segments")
+            assert http_status(port, "/readyz") == 200
+            # A slow origin keeps jobs in the pipeline through the outage: without it the
+            # worker settles every held job (as no-ops) before the link is back.
+            for name in image_names:
+                server.delay_s(name, 3.0)
+            assert total(scrape(port), "imgfleet_in_flight_jobs") > 0
 
-            proxy.refusing = True  # the broker goes away...
+            proxy.refusing = True  # the broker goes away mid-run...
             proxy.cut_all()
+            cut_at_s = time.monotonic()
             wait_for(lambda: http_status(port, "/readyz") == 503, 20, "readyz to fail")
             assert http_status(port, "/healthz") == 200  # not ready, but alive
             away = scrape(port)
             assert total(away, "imgfleet_broker_connected") == 0
             assert total(away, "imgfleet_worker_ready") == 0
+            time.sleep(2)
 
-            proxy.refusing = False  # ...and comes back
-            wait_for(lambda: http_status(port, "/readyz") == 200, 20, "readyz to recover")
-            assert total(scrape(port), "imgfleet_worker_ready") == 1
+            proxy.refusing = False  # ...and comes back well within broker_give_up_s
+            wait_for(alive(lambda: http_status(port, "/readyz") == 200), 30, "readyz to recover")
+            back = scrape(port)
+            assert total(back, "imgfleet_broker_connected") == 1
+            assert total(back, "imgfleet_worker_ready") == 1
+            server.clear_faults()
+
+            # Past the give-up time counted from the cut, the worker is still at work, and
+            # every job ends indexed or dead-lettered.
+            def accounted() -> bool:
+                time.sleep(0.3)
+                indexed = {r.image_id for r in segment_records(fleet.store_root)}  # type: ignore[attr-defined]
+                if len(indexed) < len(all_ids) // 2:
+                    return False
+                dead = {decode_job(d.body).image_id for d in dead_letters(fleet)}  # type: ignore[attr-defined]
+                return time.monotonic() - cut_at_s > give_up_s + 2 and indexed | dead == all_ids
+
+            wait_for(alive(accounted), 240, "every job to be indexed or dead-lettered")
+            assert http_status(port, "/readyz") == 200
 
             proxy.refusing = True  # gone for good: past broker_give_up_s the worker exits 1
             proxy.cut_all()
@@ -325,11 +367,12 @@ def test_readiness_follows_the_broker_and_the_worker_gives_up(
                 os.killpg(worker.pid, signal.SIGKILL)
     output = out.decode()
     assert worker.returncode == 1, output[-3000:]
-    exits = [
-        line
-        for line in assert_structured(output)
-        if line.get("event") == "worker exiting: unrecoverable"
-    ]
+    lines = assert_structured(output)
+    events = [line.get("event") for line in lines]
+    assert "broker connection back; ready" in events
+    reconnects = [line for line in lines if line.get("event") == "reconnected"]
+    assert reconnects and reconnects[0]["stale_messages"] > 0  # jobs were held across it
+    exits = [line for line in lines if line.get("event") == "worker exiting: unrecoverable"]
     assert exits and exits[0]["component"] == "broker" and exits[0]["exit_code"] == 1
 
 

@@ -12,7 +12,8 @@
 - Acks only ever go to the channel a message came from. After a connection loss the
   robust connection reopens channels and consumers by themselves; jobs from the lost
   channel are dropped unacked (the broker redelivers them) and their settlements become
-  no-ops, which keeps every job's outcome effectively-once.
+  no-ops, which keeps every job's outcome effectively-once. ``is_connected()`` (readiness)
+  is false from the loss until every channel is back.
 """
 
 from __future__ import annotations
@@ -64,9 +65,13 @@ _T = TypeVar("_T")
 _SETTLE_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Inbound:
-    """One AMQP message and how many of its jobs are still unsettled."""
+    """One AMQP message and how many of its jobs are still unsettled.
+
+    Compared and hashed by identity (``eq=False``): two records with equal fields are
+    still two messages, and the reconnect handler collects them in a set.
+    """
 
     message: AbstractIncomingMessage
     lane: str
@@ -97,7 +102,10 @@ class RabbitMQBroker:
             prefix=config.name_prefix,
             queue_type=config.rabbitmq.queue_type,
             delay_steps_ms=delay_steps_ms(
-                config.retry_base_s, config.retry_max_s, config.max_attempts
+                config.retry_base_s,
+                config.retry_max_s,
+                config.max_attempts,
+                config.retry_after_max_s,
             ),
         )
         self.log = get_logger("rabbitmq", broker=self._shown_url())
@@ -155,8 +163,18 @@ class RabbitMQBroker:
         )
 
     def is_connected(self) -> bool:
-        """Up since connect() or the last reconnect (channels restored); False while lost."""
-        return self._link_up and self._connection is not None
+        """Up since connect() or the last reconnect (channels restored); False while lost.
+
+        The flag the connection callbacks keep is checked against the connection itself,
+        so a close that no callback reported still reads as down.
+        """
+        connection = self._connection
+        return (
+            self._link_up
+            and connection is not None
+            and not connection.is_closed
+            and connection.connected.is_set()
+        )
 
     @property
     def assigned_partitions(self) -> int | None:
@@ -174,17 +192,54 @@ class RabbitMQBroker:
                     "the same settings fleet-wide, or another broker.name_prefix."
                 ) from exc
 
+    # The robust connection runs these callbacks, logs what one raises as a one-line
+    # library message and carries on. So each sets the link flag first, with nothing
+    # before it that can fail, and reports its own failures with a traceback: a crash
+    # before the flag once left a reconnected worker unready until it gave up on a
+    # broker it was talking to (issue 21, D2).
+
     def _on_connection_lost(self, *_: Any) -> None:
-        self._link_up = False
-        if self._closing:
-            return
-        self.log.warning("connection lost; reconnecting", unsettled_jobs=len(self._held))
+        was_up, self._link_up = self._link_up, False
+        if self._closing or not was_up:
+            return  # each failed reconnect attempt closes again; the library logs those
+        try:
+            self.log.warning("connection lost; reconnecting", unsettled_jobs=len(self._held))
+        except Exception:
+            self.log.error("connection-lost handler failed", exc_info=True)
 
     def _on_reconnect(self, *_: Any) -> None:
-        # Everything held from before is now unackable; the broker redelivers it.
-        dropped = sum(1 for inbound in set(self._held.values()) if inbound.is_stale())
-        self._link_up = True
-        self.log.info("reconnected", stale_messages=dropped)
+        # Called once every channel, consumers included, is restored: the link is up.
+        self._link_up = not self._closing
+        try:
+            stale = self._drop_stale_ready()
+            self.log.info("reconnected", **stale)
+        except Exception:
+            self.log.error(
+                "reconnect bookkeeping failed; the link is up and stale jobs are "
+                "dropped when they are next handed out or settled",
+                exc_info=True,
+            )
+
+    def _drop_stale_ready(self) -> dict[str, int]:
+        """Forget jobs of lost channels that the pipeline has not taken yet.
+
+        The broker redelivers their messages on the new channels, so handing them out
+        would only do each job twice. Jobs already in the pipeline stay held: their
+        settlement finds the channel gone and becomes a no-op.
+        """
+        messages = {inbound for inbound in self._held.values() if inbound.is_stale()}
+        dropped = 0
+        for lane in LANES:
+            kept: deque[Delivery] = deque()
+            for delivery in self._ready[lane]:
+                inbound = self._held.get(delivery.token)
+                if inbound is not None and inbound in messages:
+                    self._forget(delivery.token, inbound)
+                    dropped += 1
+                elif inbound is not None:
+                    kept.append(delivery)
+            self._ready[lane] = kept
+        return {"stale_messages": len(messages), "stale_jobs_dropped": dropped}
 
     async def close(self) -> None:
         self._closing = True

@@ -9,11 +9,12 @@ RabbitMQ runs with one job per message).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from common.brokers.base import Delivery
 from common.brokers.rabbitmq.broker import RabbitMQBroker
@@ -176,6 +177,14 @@ def test_bad_credentials_and_an_unreachable_broker_give_clear_errors(
     asyncio.run(main())
 
 
+async def _until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
 def test_after_a_connection_cut_stale_jobs_are_redelivered_and_publishing_resumes(
     rabbitmq_url: str, rabbit_prefix: str
 ) -> None:
@@ -185,22 +194,60 @@ def test_after_a_connection_cut_stale_jobs_are_redelivered_and_publishing_resume
         await broker.publish(_jobs(10))
         stream = broker.consume()
         held = await _take(stream, 10)
+        assert broker.is_connected()
+        proxy.refusing = True  # the broker is away for a moment, with 10 jobs held
         assert proxy.cut_all() >= 1
-        await asyncio.sleep(0.5)
+        await _until(lambda: not broker.is_connected(), 10, "the loss to be noticed")
         # Settling jobs of the lost channel is a no-op, never an error...
         await broker.ack(held[:5])
         await broker.dead_letter(held[5], "http_404", "gone", 1, decode_job(held[5].body))
+        proxy.refusing = False
+        # ...the link comes back up although stale jobs are still held (the reconnect
+        # handler once crashed on them and left the worker unready for good)...
+        await _until(broker.is_connected, 30, "the link to be up again")
         # ...and every one of them comes back on the new channel.
         back = await _take(stream, 10, timeout_s=30)
         assert {d.body for d in back} == {d.body for d in held}
-        await broker.ack(back)
+        # The new channel reuses the old delivery tags: a stale ack must not settle the
+        # redelivered message with the same tag. Handed back, all ten come round again.
+        await broker.ack(held[6:])
+        await broker.nack(back)
+        again = await _take(stream, 10, timeout_s=30)
+        assert {d.body for d in again} == {d.body for d in held}
+        await broker.ack(again)
         await broker.publish(_jobs(2, "after-cut"))
         after = await _take(stream, 2)
         assert {decode_job(d.body).item_id for d in after} == {"after-cut-0", "after-cut-1"}
         await broker.ack(after)
+        assert await _nothing_more(stream)
         assert await broker.dead_letters() == []
+        assert broker.is_connected()
         await stream.aclose()  # type: ignore[attr-defined]
         await broker.close()
+
+    with TcpProxy("127.0.0.1", 5672) as proxy:
+        asyncio.run(main(proxy))
+
+
+def test_a_failing_reconnect_handler_still_brings_the_link_up_and_says_so(
+    rabbitmq_url: str, rabbit_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_bookkeeping() -> dict[str, int]:
+        raise RuntimeError("a bug in the reconnect bookkeeping")
+
+    async def main(proxy: TcpProxy) -> None:
+        broker = await _connected(f"amqp://guest:guest@127.0.0.1:{proxy.port}/", rabbit_prefix)
+        monkeypatch.setattr(broker, "_drop_stale_ready", broken_bookkeeping)
+        with capture_logs() as logs:
+            proxy.refusing = True
+            proxy.cut_all()
+            await _until(lambda: not broker.is_connected(), 10, "the loss to be noticed")
+            proxy.refusing = False
+            await _until(broker.is_connected, 30, "the link to be up again")
+        failures = [e for e in logs if e["event"].startswith("reconnect bookkeeping failed")]
+        assert failures and failures[0]["log_level"] == "error" and failures[0]["exc_info"]
+        await broker.close()
+        assert not broker.is_connected()
 
     with TcpProxy("127.0.0.1", 5672) as proxy:
         asyncio.run(main(proxy))
