@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
-from common.config import BrokerConfig, load_settings
+from common.brokers.kafka.broker import KafkaBroker
+from common.config import BrokerConfig, Settings, load_settings
 from imgfleet.demo.corpus import make_corpus
+from imgfleet.factories import make_broker
 from tests.conftest import require_service
 from tests.support.faulty_image_server import FaultyImageServer as ImageServer
 from tests.support.fleet import Fleet
@@ -84,11 +86,12 @@ class KafkaFleet(Fleet):
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self, **extra: str) -> dict[str, str]:
+        # No broker.prefetch here: workers size their window from the pipeline as users'
+        # workers do (a fixed window once hid that Kafka got none at all).
         kafka_env = {
             "IMGFLEET_BROKER__KIND": "kafka",
             "IMGFLEET_BROKER__URL": self.bootstrap,
             "IMGFLEET_BROKER__NAME_PREFIX": self.prefix,
-            "IMGFLEET_BROKER__PREFETCH": "32",
             "IMGFLEET_BROKER__MAX_ATTEMPTS": "4",
             "IMGFLEET_BROKER__RETRY_MAX_S": "0.5",
             "IMGFLEET_BROKER__KAFKA__PARTITIONS": "4",
@@ -102,7 +105,8 @@ class KafkaFleet(Fleet):
         }
         return super().env(**{**kafka_env, **extra})
 
-    def broker_config(self) -> BrokerConfig:
+    def settings(self) -> Settings:
+        """The fleet's broker as a tool beside it sees it: default settings otherwise."""
         return load_settings(
             broker={
                 "kind": "kafka",
@@ -114,7 +118,13 @@ class KafkaFleet(Fleet):
                     "retry_delays_s": [0.2, 1.0],
                 },
             }
-        ).broker
+        )
+
+    def broker(self) -> KafkaBroker:
+        """Built by the composition root, as ``imgfleet`` builds it (window included)."""
+        broker = make_broker(self.settings())
+        assert isinstance(broker, KafkaBroker)
+        return broker
 
 
 @pytest.fixture

@@ -42,7 +42,7 @@ from common.brokers.kafka.topics import (
     due_at_ms,
 )
 from common.config import BrokerConfig, KafkaConfig
-from common.errors import Reason, TransientError
+from common.errors import ConfigError, Reason, TransientError
 from common.observability.logging import get_logger
 from common.schema import Job
 
@@ -69,6 +69,13 @@ class KafkaBroker:
         prefetch: int = 256,
         publish_attempts: int = 3,
     ) -> None:
+        if prefetch < 1:
+            # A 0-job window pauses the bulk and retry partitions for good: nothing is
+            # ever consumed from them (broker.prefetch = 0 stands for "the pipeline's
+            # capacity", which the composition root computes and passes in).
+            raise ConfigError(
+                f"kafka: the consumer window (prefetch) must be at least 1 job, got {prefetch}"
+            )
         self._settings = settings
         self.topics = topics
         self._kafka = kafka
@@ -81,13 +88,15 @@ class KafkaBroker:
         self._records = asyncio.Event()
 
     @classmethod
-    def from_config(cls, config: BrokerConfig) -> KafkaBroker:
+    def from_config(cls, config: BrokerConfig, *, prefetch: int | None = None) -> KafkaBroker:
+        """``prefetch``: the bulk+retry window in jobs, as the other brokers get it (the
+        pipeline's capacity); without it ``broker.prefetch``, which must then be set."""
         k = config.kafka
         return cls(
             client_settings(config),
             KafkaTopics.build(config.name_prefix, k.retry_delays_s),
             k,
-            prefetch=config.prefetch,
+            prefetch=config.prefetch if prefetch is None else prefetch,
         )
 
     def __repr__(self) -> str:

@@ -18,8 +18,10 @@ never committed by us.
 
 Rebalance (eager): on revoke, records not yet handed out are dropped, in-flight ones get a
 short bounded wait, what is done is committed, and the partition state is parked; if the
-next assignment gives the partition back, the parked state continues where it left off,
-otherwise it is discarded.
+next assignment gives the partition back, the parked state continues where it left off
+and the partition is sought back to its first record not handed out (kafka-python 3 keeps
+a kept partition's fetch position, which is past the dropped records: left there, the next
+settled record would commit over them), otherwise it is discarded.
 """
 
 from __future__ import annotations
@@ -295,11 +297,18 @@ class ConsumerLoop:
                         break
                 with self._lock:
                     state = self._owned.get(tp)
-                    if state is None:
-                        break  # revoked while the records were in flight to us
-                    state.fetched(rec.offset)
-                    self._buffers[kind].append(_Fetched(tp, rec.offset, state.epoch, rec.value))
-                    self._held[kind] += 1
+                    if state is not None:
+                        state.fetched(rec.offset)
+                        fetched = _Fetched(tp, rec.offset, state.epoch, rec.value)
+                        self._buffers[kind].append(fetched)
+                        self._held[kind] += 1
+                if state is None:
+                    # Not ours in this epoch. kafka-python has moved its position past these
+                    # records; put it back, so that should the partition be ours again
+                    # without a fresh position, they are fetched again rather than skipped.
+                    if tp in consumer.assignment():
+                        consumer.seek(tp, rec.offset)
+                    break
                 added += 1
         if added:
             self._on_records()
@@ -312,7 +321,8 @@ class ConsumerLoop:
             kept: deque[_Fetched] = deque()
             for rec in buffer:
                 if rec.tp in tps:
-                    state = self._owned.get(rec.tp)
+                    # Owned or parked: either way fetching must resume at this record.
+                    state = self._state(rec.tp, rec.epoch)
                     if state is not None:
                         state.forget_from(rec.offset)
                     self._held[kind] -= 1
@@ -366,7 +376,9 @@ class ConsumerLoop:
             self._parked.clear()
         for tp, offset in resumed:
             if offset is not None:
-                consumer.seek(tp, offset)  # continue after what we already handed out
+                # Continue at the first record not handed out: kafka-python kept its own
+                # position for this partition, past the records dropped at the revoke.
+                consumer.seek(tp, offset)
         log.info("partitions assigned", partitions=len(tps), kept=len(resumed))
 
 

@@ -53,14 +53,20 @@ class PartitionOffsets:
         return True
 
     def forget_from(self, offset: int) -> None:
-        """Drop fetched offsets >= ``offset`` that were never handed out (revoke, purge)."""
+        """Drop fetched offsets >= ``offset`` never handed out (revoke, purge); fetching
+        must resume at ``offset``, so ``next_fetch_offset`` says so from now on.
+
+        The resume point is kept even when nothing else is open: kafka-python 3 keeps a
+        partition's fetch position across a rebalance that leaves it with us, and that
+        position is past the dropped records, so without a seek back to them the next
+        settled record would move the commit over them.
+        """
         while self._order and self._order[-1] >= offset:
             dropped = self._order.pop()
             self._undone.discard(dropped)
             self._done.discard(dropped)
-        self._last_fetched = self._order[-1] if self._order else None
-        if self._last_fetched is None and self._position is not None:
-            self._last_fetched = self._position - 1
+        if self._last_fetched is not None and self._last_fetched >= offset:
+            self._last_fetched = offset - 1
 
     @property
     def open_count(self) -> int:

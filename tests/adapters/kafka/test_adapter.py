@@ -17,6 +17,7 @@ import pytest
 from common.brokers.base import Delivery
 from common.brokers.kafka.broker import KafkaBroker
 from common.config import BrokerConfig
+from common.errors import ConfigError
 from common.schema import Job, Lane, decode_job
 from tests.support.kafka import QUICK_JOIN, TansuBroker, broker_config
 
@@ -55,6 +56,15 @@ async def _pending_is(broker: KafkaBroker, n: int) -> None:
 
 def _run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 120))  # type: ignore[arg-type]
+
+
+def test_a_zero_job_window_is_refused(tansu: TansuBroker) -> None:
+    # 0 (broker.prefetch's default) means "the pipeline's capacity": the composition root
+    # computes it. Taken as a window, it kept every bulk and retry partition paused.
+    config = broker_config(tansu, prefetch=0)
+    with pytest.raises(ConfigError, match="at least 1 job"):
+        KafkaBroker.from_config(config)
+    KafkaBroker.from_config(config, prefetch=5)  # the computed window, as make_broker passes it
 
 
 def test_commit_stops_at_the_lowest_unsettled_offset(tansu: TansuBroker) -> None:

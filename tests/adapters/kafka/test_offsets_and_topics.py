@@ -110,6 +110,21 @@ def test_forget_everything_resumes_after_the_last_commit() -> None:
     assert PartitionOffsets(epoch=2).next_fetch_offset is None
 
 
+def test_forgetting_records_of_an_untouched_partition_resumes_at_the_first_of_them() -> None:
+    # Fetched, none handed out, nothing committed this epoch: a revoke drops them all. The
+    # partition must be fetched again from the first, not from where kafka-python got to.
+    offsets = PartitionOffsets(epoch=1)
+    for offset in (7, 8, 9):
+        offsets.fetched(offset)
+    offsets.forget_from(7)
+    offsets.forget_from(8)  # later records of the same buffer never move it forward
+    assert offsets.next_fetch_offset == 7
+    assert offsets.open_count == 0 and offsets.to_commit() is None
+    offsets.fetched(7)  # fetched again after the seek
+    offsets.done(7)
+    assert offsets.to_commit() == 8
+
+
 # -- topics and retry tiers ---------------------------------------------------------------
 
 
