@@ -3,16 +3,28 @@
 Streaming: neither the file nor its rows are ever held whole, so memory stays flat for a
 catalogue of any size. A row names an item id, one or several image URLs and a version
 (optionally an ETag); which columns hold them is a ``ColumnMapping``. A row that cannot be
-used is yielded as a ``RejectedRow`` with its 1-based line (Parquet: row) number and a
-reason naming the column, and reading goes on: one bad row never stops a nightly run. A
-catalogue that cannot be read at all (missing, access denied, not the format it claims,
-truncated) raises a ``CatalogueError`` naming the source.
+used is yielded as a ``RejectedRow`` with its 1-based line (Parquet: row) number, a
+reason naming the column and, where the row names a usable item id, that item (so the run
+can keep the item as it was instead of deleting it); reading goes on: one bad row never
+stops a nightly run. A catalogue that cannot be read at all (missing, access denied, not
+the format it claims, truncated) raises a ``CatalogueError`` naming the source.
+
+Item ids are taken as written. One with leading or trailing whitespace is rejected, never
+trimmed: trimming merged ``"  padded  "`` into ``"padded"`` and dropped one item's images,
+and such an id is unreachable from the CMS (which refuses it) anyway. Whitespace at an id's
+ends is almost always an export bug (padded CSV cells); a reject with its line number shows
+it, and the reject names the trimmed id as its item, which is the item older versions
+indexed for that row, so that item is kept rather than deleted.
+
+A ``Catalogue`` from ``open_catalogue`` can be iterated more than once: each further
+iteration opens the source again and reads it from the start (a nightly run reads the
+catalogue twice, see ``producers.nightly.winners``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +67,8 @@ SUPPORTED_FORMATS = (
     "gzip (.gz) for JSONL and CSV"
 )
 _URL_PREFIXES = ("http://", "https://", "s3://", "file://")
+# An opened source: its row reader and what closes it.
+_Opened = tuple["JsonlRows | CsvRows | ParquetRows", list[Any]]
 _MAX_VERSION = 2**63 - 1
 # A row past the job schema's limits (MAX_ITEM_ID_CHARS, MAX_URL_CHARS) is rejected here
 # rather than failing when its jobs are built.
@@ -115,6 +129,9 @@ class RejectedRow:
     line: int
     reason: str
     raw: str
+    # The item the row is about, where its id could be read: a rejected row keeps that
+    # item as the last published run had it (never a delete). None: not attributable.
+    item_id: str | None = None
 
 
 def _detect_format(source: str, format: str | None) -> str:
@@ -130,7 +147,7 @@ def _detect_format(source: str, format: str | None) -> str:
     if suffix not in _FORMATS:
         raise ValueError(
             f"cannot tell the format of catalogue {source!r} from its name; supported: "
-            f"{SUPPORTED_FORMATS} (or pass format=)"
+            f"{SUPPORTED_FORMATS} (or pass --format)"
         )
     return _FORMATS[suffix]
 
@@ -143,22 +160,34 @@ class _RowChecker:
         self._url_fallback = url_fallback
         self._url_label = ", ".join(mapping.image_urls)
 
-    def check(self, line: int, row: Mapping[str, Any]) -> CatalogueItem | str:
+    def check(self, line: int, row: Mapping[str, Any]) -> CatalogueItem | tuple[str, str | None]:
+        """The item, or (reason, the item id the reject is attributed to or None)."""
         m = self.mapping
         item_id = row.get(m.item_id)
         if isinstance(item_id, str):
-            item_id = item_id.strip()
-            if not item_id:
-                return f"{m.item_id}: missing"
+            if not item_id.strip():
+                return f"{m.item_id}: missing", None
+            if item_id != item_id.strip():
+                trimmed = item_id.strip()
+                attributed = trimmed if len(trimmed) <= MAX_ITEM_ID_CHARS else None
+                return (
+                    f"{m.item_id}: starts or ends with whitespace: {item_id[:200]!r} "
+                    "(ids are taken as written; fix the export)",
+                    attributed,
+                )
         elif isinstance(item_id, int) and not isinstance(item_id, bool):
             item_id = str(item_id)
         elif item_id is None:
-            return f"{m.item_id}: missing"
+            return f"{m.item_id}: missing", None
         else:
-            return f"{m.item_id}: not a string or integer: {item_id!r}"
+            return f"{m.item_id}: not a string or integer: {item_id!r}", None
         if len(item_id) > MAX_ITEM_ID_CHARS:
-            return f"{m.item_id}: longer than {MAX_ITEM_ID_CHARS} characters"
+            return f"{m.item_id}: longer than {MAX_ITEM_ID_CHARS} characters", None
+        problem = self._rest(line, item_id, row)
+        return problem if isinstance(problem, CatalogueItem) else (problem, item_id)
 
+    def _rest(self, line: int, item_id: str, row: Mapping[str, Any]) -> CatalogueItem | str:
+        m = self.mapping
         urls: list[str] = []
         seen: set[str] = set()
         present = False
@@ -258,7 +287,11 @@ def _version(value: Any) -> int | str:
 
 
 class Catalogue:
-    """An opened catalogue: iterate it once; close it (or use ``with``)."""
+    """An opened catalogue; close it (or use ``with``).
+
+    Each iteration reads it from the start: a further one opens the source again (only a
+    catalogue built without ``reopen`` can be iterated just once).
+    """
 
     def __init__(
         self,
@@ -266,11 +299,15 @@ class Catalogue:
         rows: JsonlRows | CsvRows | ParquetRows,
         mapping: ColumnMapping,
         closers: list[Any],
+        *,
+        reopen: Callable[[], _Opened] | None = None,
     ) -> None:
         self.source = source
         self.format = type(rows).__name__.removesuffix("Rows").lower()
         self._rows = rows
         self._closers = closers
+        self._reopen = reopen
+        self._asked = mapping
         self.total_rows_hint: int | None = rows.total_rows
         self.mapping, url_fallback = _resolve_columns(source, mapping, rows.columns)
         self._checker = _RowChecker(self.mapping, url_fallback=url_fallback)
@@ -280,22 +317,41 @@ class Catalogue:
 
     def __iter__(self) -> Iterator[CatalogueItem | RejectedRow]:
         if self._iterated:
-            raise RuntimeError(f"catalogue {self.source} can be iterated only once")
+            if self._reopen is None:
+                raise RuntimeError(f"catalogue {self.source} can be iterated only once")
+            self._open_again(self._reopen)
         self._iterated = True
         return self._entries()
+
+    def _open_again(self, reopen: Callable[[], _Opened]) -> None:
+        """A further pass: the source opened again, read from its start."""
+        rows, closers = reopen()
+        self.close()
+        self._rows, self._closers = rows, closers
+        mapping, url_fallback = _resolve_columns(self.source, self._asked, rows.columns, warn=False)
+        if mapping != self.mapping:
+            self.close()
+            raise CatalogueFormatError(
+                f"catalogue {self.source} changed while it was read: its columns differ "
+                "between two reads"
+            )
+        self._checker = _RowChecker(self.mapping, url_fallback=url_fallback)
+        self.total_rows_hint = rows.total_rows
+        self._started = self._finished = False
 
     def _entries(self) -> Iterator[CatalogueItem | RejectedRow]:
         check = self._checker.check
         render = self._rows.render
         self._started = True
         for line, row, raw, reason in self._rows.rows(self.mapping.columns()):
+            item_id: str | None = None
             if row is not None:
                 result = check(line, row)
                 if isinstance(result, CatalogueItem):
                     yield result
                     continue
-                reason = result
-            yield RejectedRow(line, reason or "unreadable row", render(raw))
+                reason, item_id = result
+            yield RejectedRow(line, reason or "unreadable row", render(raw), item_id)
         self._finished = True
 
     def fraction_done(self) -> float | None:
@@ -321,7 +377,7 @@ class Catalogue:
 
 
 def _resolve_columns(
-    source: str, mapping: ColumnMapping, header: list[str] | None
+    source: str, mapping: ColumnMapping, header: list[str] | None, *, warn: bool = True
 ) -> tuple[ColumnMapping, str | None]:
     """Check a header against the mapping; returns the mapping to use and a URL fallback."""
     if header is None:  # JSONL: keys are per row
@@ -351,7 +407,7 @@ def _resolve_columns(
         raise CatalogueFormatError(
             f"catalogue {source} names column {', '.join(map(repr, duplicated))} more than once"
         )
-    if mapping.version and mapping.version not in present:
+    if warn and mapping.version and mapping.version not in present:
         get_logger("catalogue", source=source).warning(
             "no version column; every item gets version 0", column=mapping.version
         )
@@ -368,20 +424,28 @@ def open_catalogue(
     """Open a catalogue for one streaming pass; errors about the whole file raise here."""
     label = source if isinstance(source, str) else os.fspath(source)
     kind = _detect_format(label, format)
-    if kind == "parquet":
-        return _open_parquet(label, mapping, s3_client)
-    data = open_byte_stream(label, s3_client=s3_client)
+
+    def open_rows() -> _Opened:
+        if kind == "parquet":
+            return _open_parquet(label, s3_client)
+        data = open_byte_stream(label, s3_client=s3_client)
+        try:
+            rows = JsonlRows(data, label) if kind == "jsonl" else CsvRows(data, label)
+        except BaseException:
+            data.close()
+            raise
+        return rows, [data]
+
+    rows, closers = open_rows()
     try:
-        rows: JsonlRows | CsvRows = (
-            JsonlRows(data, label) if kind == "jsonl" else CsvRows(data, label)
-        )
-        return Catalogue(label, rows, mapping, [data])
+        return Catalogue(label, rows, mapping, closers, reopen=open_rows)
     except BaseException:
-        data.close()
+        for closer in reversed(closers):
+            closer.close()
         raise
 
 
-def _open_parquet(label: str, mapping: ColumnMapping, s3_client: Any | None) -> Catalogue:
+def _open_parquet(label: str, s3_client: Any | None) -> _Opened:
     if label.lower().endswith(".gz"):
         raise CatalogueFormatError(
             f"catalogue {label}: gzip-wrapped Parquet is not supported "
@@ -402,7 +466,7 @@ def _open_parquet(label: str, mapping: ColumnMapping, s3_client: Any | None) -> 
     try:
         parquet = open_parquet(source, label)
         closers.append(parquet)
-        return Catalogue(label, ParquetRows(parquet, label), mapping, closers)
+        return ParquetRows(parquet, label), closers
     except BaseException:
         for closer in reversed(closers):
             closer.close()

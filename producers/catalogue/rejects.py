@@ -1,4 +1,5 @@
-"""The rejects file: one JSON line per rejected row (line, reason, raw)."""
+"""The rejects file: one JSON line per rejected row (line, reason, raw; item_id when the
+row names a usable one)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ class RejectsFile:
             self._fh.truncate(truncate_to)
 
     def write(self, row: RejectedRow) -> None:
-        self._fh.write(orjson.dumps({"line": row.line, "reason": row.reason, "raw": row.raw}))
+        entry: dict[str, object] = {"line": row.line, "reason": row.reason, "raw": row.raw}
+        if row.item_id is not None:
+            entry["item_id"] = row.item_id
+        self._fh.write(orjson.dumps(entry))
         self._fh.write(b"\n")
 
     def sync(self) -> int:

@@ -48,7 +48,14 @@ class Checkpoint:
     rows_consumed: int = 0
     items: int = 0
     rejected: int = 0
+    rejected_unattributed: int = 0
     duplicate_images: int = 0
+    superseded_rows: int = 0
+    # Items of rejected rows republished from the previous run's snapshot (after the rows;
+    # the first kept_confirmed of those images are published).
+    kept_items: int = 0
+    kept_images: int = 0
+    kept_confirmed: int = 0
     jobs_confirmed: int = 0
     # Deletes phase: which published run the deletes compare with, and how far they went.
     previous_run_id: str | None = None

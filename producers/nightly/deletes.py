@@ -23,24 +23,55 @@ class MassDeleteError(OperatorError):
 
     exit_code = ExitCode.MASS_DELETE
 
-    def __init__(self, run_id: str, deletes: int, previous: int, max_fraction: float) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        deletes: int,
+        previous: int,
+        max_fraction: float,
+        *,
+        kept_items: int = 0,
+        rejected_unattributed: int = 0,
+    ) -> None:
         share = deletes / previous if previous else 1.0
+        rejected = ""
+        if kept_items or rejected_unattributed:
+            # Rejected rows are never deletions; say what they did, apart from the count.
+            rejected = (
+                f" Not counted: {kept_items} items of rejected rows, kept as they were; "
+                f"{rejected_unattributed} rejected rows name no item (see the rejects)."
+            )
         super().__init__(
             f"run {run_id!r} would delete {deletes} of the previous run's {previous} images "
             f"({share:.1%}, more than producer.max_delete_fraction={max_fraction:.0%}); "
-            "a truncated catalogue? Nothing was deleted. If the deletes are right, resume "
-            f"with `--resume {run_id} --allow-mass-delete`; to publish without deletes, "
-            f"`--resume {run_id} --no-deletes`"
+            f"a truncated catalogue?{rejected} Nothing was deleted. If the deletes are "
+            f"right, resume with `--resume {run_id} --allow-mass-delete`; to publish "
+            f"without deletes, `--resume {run_id} --no-deletes`"
         )
         self.deletes = deletes
         self.previous = previous
 
 
 def check_delete_guard(
-    run_id: str, deletes: int, previous: int, max_fraction: float, allow: bool
+    run_id: str,
+    deletes: int,
+    previous: int,
+    max_fraction: float,
+    allow: bool,
+    *,
+    kept_items: int = 0,
+    rejected_unattributed: int = 0,
 ) -> None:
+    """Stop before ``deletes`` go out if too many; kept items are never among them."""
     if not allow and deletes > max_fraction * previous:
-        raise MassDeleteError(run_id, deletes, previous, max_fraction)
+        raise MassDeleteError(
+            run_id,
+            deletes,
+            previous,
+            max_fraction,
+            kept_items=kept_items,
+            rejected_unattributed=rejected_unattributed,
+        )
 
 
 def delete_jobs(

@@ -3,14 +3,18 @@
 Phases, each resumable (the checkpoint says which one a run is in):
 
 1. *upserts*: the run is registered as ``publishing`` before the first publish; the
-   catalogue is read and one job per new image published; checkpoints record how many
-   rows are done. A resume re-reads the catalogue, skips those rows (rebuilding the
-   de-duplication and the snapshot from them) and leaves out the jobs the broker's
-   publish ledger already holds.
+   catalogue is read once to find each repeated item's winning row, then again to publish
+   one job per image of each item's winning row; checkpoints record how many rows are
+   done. A resume reads the catalogue again (the same winners), skips those rows
+   (rebuilding the de-duplication and the snapshot from them) and leaves out the jobs the
+   broker's publish ledger already holds. Then the items of rejected rows that no row
+   published are kept: their images are published again from the last published run's
+   snapshot (``producers.nightly.kept``; checkpointed by ``kept_confirmed``).
 2. *deletes*: the run's image snapshot is written; images of the last published run of
    the same catalogue that are gone become delete jobs (unless more than
    ``max_delete_fraction`` of them would go, which stops the run until resumed with
-   ``allow_mass_delete`` or without deletes).
+   ``allow_mass_delete`` or without deletes). Kept images are in the snapshot, so a
+   rejected row never deletes, and the guard counts only real deletions.
 3. *published*: the run is recorded as ``published`` with its expected job count, and
    the ledger dropped.
 
@@ -27,6 +31,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from common.brokers.base import ProducerBroker
 from common.errors import ExitCode, OperatorError
@@ -46,6 +52,7 @@ from producers.nightly.checkpoint import (
     load_checkpoint,
 )
 from producers.nightly.deletes import check_delete_guard, delete_jobs
+from producers.nightly.kept import kept_batches, kept_images, kept_item_count
 from producers.nightly.rate_limit import TokenBucket
 from producers.nightly.run_record import STATE_PUBLISHED, STATE_PUBLISHING, RunRecord, RunRegistry
 from producers.nightly.snapshot import ImageSnapshot, SnapshotBuilder, load_snapshot, save_snapshot
@@ -286,18 +293,74 @@ class CatalogueRun:
         with open_source() as source:
             await phase.run(source)
         snapshot = None
-        previous: RunRecord | None = None
+        previous_run_id: str | None = None
         if state.nightly:
+            # Pinned by the checkpoint once kept images go out, so a resume keeps the same.
+            previous_run_id = checkpoints.current.previous_run_id or self._previous_run_id(
+                cp.catalogue
+            )
+            await self._keep(state, phase, counts, previous_run_id)
             snapshot = phase.builder.finish()
             await asyncio.to_thread(save_snapshot, self.storage, o.run_id, snapshot)
-            if o.delete_missing:
-                previous = self.registry.last_published(cp.catalogue, exclude_run_id=o.run_id)
         await checkpoints.write(
-            phase=PHASE_DELETES,
-            previous_run_id=previous.run_id if previous else None,
-            **counts.checkpoint_fields(),
+            phase=PHASE_DELETES, previous_run_id=previous_run_id, **counts.checkpoint_fields()
         )
         return counts, snapshot, phase.rejects_kept
+
+    def _previous_run_id(self, catalogue: str) -> str | None:
+        previous = self.registry.last_published(catalogue, exclude_run_id=self.o.run_id)
+        return previous.run_id if previous else None
+
+    async def _keep(
+        self,
+        state: _RunState,
+        phase: UpsertPhase,
+        counts: PublishCounts,
+        previous_run_id: str | None,
+    ) -> None:
+        """Publish again, from the previous run's snapshot, the images of items whose rows
+        were rejected and that no row of this run published."""
+        o = self.o
+        checkpoints, batches = state.checkpoints, state.batches
+        previous, kept = await _kept_of(self.storage, previous_run_id, phase)
+        if previous is None or len(kept) == 0:
+            return
+        if checkpoints.current.previous_run_id != previous_run_id:
+            await checkpoints.write(previous_run_id=previous_run_id, **counts.checkpoint_fields())
+        start = checkpoints.current.kept_confirmed
+        capacity = self.broker.ledger_capacity(o.batch_size)
+        jobs_total = 0
+        begin = 0
+        for done, jobs in kept_batches(
+            previous, kept, phase.builder, run_id=o.run_id, lane=state.lane, batch_size=o.batch_size
+        ):
+            jobs_total += len(jobs)
+            batch_begin, begin = begin, done
+            if done <= start:
+                continue  # confirmed before the resume point
+            if capacity is not None and batches.calls_since_mark + 1 > capacity:
+                await checkpoints.write(kept_confirmed=batch_begin)
+            fresh = [job for job in jobs if job.job_id not in state.already]
+            counts.already_published += len(jobs) - len(fresh)
+            await batches.submit(fresh)
+            if checkpoints.due():
+                await checkpoints.write(kept_confirmed=done)
+        await batches.drain()
+        _count_kept(counts, previous, kept, jobs_total)
+        self.log.info(
+            "rejected items kept as the previous run had them",
+            items=counts.kept_items,
+            images=counts.kept_images,
+            jobs=jobs_total,
+            previous_run_id=previous_run_id,
+        )
+        if jobs_total < len(kept):
+            self.log.warning(
+                "kept images without a URL in the previous run's snapshot (an older "
+                "format): not deleted, but they leave the next generation",
+                images=len(kept) - jobs_total,
+                previous_run_id=previous_run_id,
+            )
 
     async def _deletes(self, state: _RunState, snapshot: ImageSnapshot | None) -> int:
         o = self.o
@@ -318,7 +381,13 @@ class CatalogueRun:
             raise RunConflictError(f"run {o.run_id!r} lost its image snapshot; cannot resume")
         gone = previous.missing_from(snapshot)
         check_delete_guard(
-            o.run_id, len(gone), len(previous), o.max_delete_fraction, o.allow_mass_delete
+            o.run_id,
+            len(gone),
+            len(previous),
+            o.max_delete_fraction,
+            o.allow_mass_delete,
+            kept_items=cp.kept_items,
+            rejected_unattributed=cp.rejected_unattributed,
         )
         self.log.info("deletes", images=len(gone), previous_run_id=cp.previous_run_id)
         capacity = self.broker.ledger_capacity(o.batch_size)
@@ -358,15 +427,11 @@ class CatalogueRun:
         elapsed_s: float,
     ) -> PublishReport:
         resumed = state.resumed_from
-        report = PublishReport(
-            run_id=self.o.run_id,
-            lane=state.lane.value,
-            rows=counts.rows,
-            items=counts.items,
-            jobs=counts.jobs,
+        report = PublishReport.of(
+            self.o.run_id,
+            state.lane.value,
+            counts,
             deleted=deleted,
-            duplicate_images=counts.duplicate_images,
-            rejected=counts.rejected,
             already_published=counts.already_published + self._deletes_in_ledger,
             resumed_from_row=resumed.rows_consumed if resumed else None,
             previous_run_id=state.checkpoints.current.previous_run_id,
@@ -438,29 +503,58 @@ async def dry_run(
     finally:
         if rejects is not None:
             rejects.close()
-    report = PublishReport(
-        run_id=o.run_id,
-        lane=o.lane.value,
-        rows=counts.rows,
-        items=counts.items,
-        jobs=counts.jobs,
-        duplicate_images=counts.duplicate_images,
-        rejected=counts.rejected,
+    deletes: dict[str, object] = {"would_delete": None}
+    previous_run_id: str | None = None
+    snapshot: ImageSnapshot | None = None
+    if storage is not None and registry is not None and o.lane is Lane.BULK:
+        previous = registry.last_published(o.catalogue, exclude_run_id=o.run_id)
+        previous_run_id = previous.run_id if previous else None
+        snapshot, kept = await _kept_of(storage, previous_run_id, phase)
+        if snapshot is not None and len(kept):
+            jobs = sum(
+                len(j) for _, j in kept_batches(snapshot, kept, phase.builder, run_id=o.run_id)
+            )
+            _count_kept(counts, snapshot, kept, jobs)
+        if snapshot is None and previous_run_id is not None and o.delete_missing:
+            snapshot = load_snapshot(storage, previous_run_id)
+    report = PublishReport.of(
+        o.run_id,
+        o.lane.value,
+        counts,
         elapsed_s=time.monotonic() - started_s,
         dry_run=True,
         rejects=phase.rejects_kept,
     )
-    deletes: dict[str, object] = {"would_delete": None}
-    if storage is not None and registry is not None and o.lane is Lane.BULK and o.delete_missing:
-        previous = registry.last_published(o.catalogue, exclude_run_id=o.run_id)
-        snapshot = load_snapshot(storage, previous.run_id) if previous else None
-        if previous is not None and snapshot is not None:
-            gone = len(snapshot.missing_from(phase.builder.finish()))
-            report.deleted = gone
-            report.previous_run_id = previous.run_id
-            deletes = {
-                "would_delete": gone,
-                "previous_images": len(snapshot),
-                "guard_trips": gone > o.max_delete_fraction * len(snapshot),
-            }
+    if snapshot is not None and o.delete_missing:
+        gone = len(snapshot.missing_from(phase.builder.finish()))
+        report.deleted = gone
+        report.previous_run_id = previous_run_id
+        deletes = {
+            "would_delete": gone,
+            "previous_images": len(snapshot),
+            "guard_trips": gone > o.max_delete_fraction * len(snapshot),
+        }
     return report, deletes
+
+
+async def _kept_of(
+    storage: Storage, previous_run_id: str | None, phase: UpsertPhase
+) -> tuple[ImageSnapshot | None, np.ndarray]:
+    """The previous run's snapshot and the indexes of its images this run keeps; the
+    snapshot is read only when a rejected row names an item."""
+    none = np.zeros(0, np.int64)
+    rejected = phase.rejected_item_keys()
+    if previous_run_id is None or len(rejected) == 0:
+        return None, none
+    previous = await asyncio.to_thread(load_snapshot, storage, previous_run_id)
+    if previous is None:
+        return None, none
+    return previous, kept_images(previous, rejected, phase.builder.item_keys())
+
+
+def _count_kept(
+    counts: PublishCounts, previous: ImageSnapshot, kept: np.ndarray, jobs: int
+) -> None:
+    counts.kept_images += len(kept)
+    counts.kept_items += kept_item_count(previous, kept)
+    counts.jobs += jobs

@@ -36,5 +36,9 @@ class RunRegistry(Protocol):
         ...
 
     def last_published(self, catalogue: str, *, exclude_run_id: str) -> RunRecord | None:
-        """The newest run of ``catalogue`` in state published, other than ``exclude_run_id``."""
+        """The newest published run of ``catalogue`` that started before ``exclude_run_id``.
+
+        Any other published run when ``exclude_run_id`` has no record yet. A resumed older
+        run computes its deletes against the run before it, never against a newer one.
+        """
         ...

@@ -1,14 +1,19 @@
 """Turn catalogue items into jobs and publish them in confirmed batches.
 
 One job per image: ``job_id = job_id_for(run_id, image_id, op)``, so the same job
-published again by a resumed run keeps its id. Images listed twice (a repeated row) are
-published once (``SnapshotBuilder`` is the de-duplication). Batches go to the broker with
-up to ``in_flight`` of them awaiting confirms; ``broker.publish`` returns only once its
-jobs are durable.
+published again by a resumed run keeps its id. One row per item is published: the newest
+version, of equal ones the first (``producers.nightly.winners``, which needs a first pass
+over the catalogue before anything is published); the other rows of the item are counted
+as superseded (an older version) or repeated, or rejected when they give the winning
+version with other URLs. Batches go to the broker with up to ``in_flight`` of them
+awaiting confirms; ``broker.publish`` returns only once its jobs are durable.
 
 The upsert phase reads the catalogue on a thread in chunks of rows. A checkpoint (see
 ``producers.nightly.checkpoint``) is only written at a chunk boundary after every batch before it
 is confirmed, so "the first ``rows_consumed`` rows are published" holds exactly.
+
+A rejected row that names its item is remembered by item key (8 bytes each), so the run
+can keep that item as the previous run had it (``producers.nightly.kept``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +38,14 @@ from common.observability.progress import Progress
 from common.schema import MAX_ITEM_ID_CHARS, MAX_URL_CHARS, Job, Lane
 from producers.catalogue.reader import CatalogueItem, RejectedRow, open_catalogue
 from producers.catalogue.rejects import RejectsFile
+from producers.catalogue.sources import CatalogueChangedError
 from producers.catalogue.threaded import chunks_in_thread
 from producers.jobs import upsert_job, upsert_job_id
 from producers.nightly.batches import ConfirmedBatches
 from producers.nightly.checkpoint import Checkpoint, CheckpointWriter
 from producers.nightly.rate_limit import TokenBucket
 from producers.nightly.snapshot import SnapshotBuilder
+from producers.nightly.winners import ItemVersions, Winners, content_key, item_key, row_key
 
 CHUNK_ROWS = 1000
 MAX_REJECTS_KEPT = 1000  # in the report; the rejects file has all of them
@@ -45,7 +53,11 @@ MAX_REJECTS_LOGGED = 20
 
 
 class CatalogueSource(Protocol):
-    """An opened catalogue (``producers.catalogue.reader.Catalogue`` is one)."""
+    """An opened catalogue (``producers.catalogue.reader.Catalogue`` is one).
+
+    Iterated twice by a run (the first pass finds each item's winning row), each time
+    from the start, with the same rows; a row's ``line`` is unique.
+    """
 
     def __iter__(self) -> Iterator[CatalogueItem | RejectedRow]: ...
 
@@ -66,19 +78,19 @@ def row_problem(item: CatalogueItem) -> str | None:
 @dataclass
 class PublishCounts:
     rows: int = 0
-    items: int = 0
+    items: int = 0  # rows published (one per item)
     rejected: int = 0
-    duplicate_images: int = 0
+    rejected_unattributed: int = 0  # rejected rows without a readable item id
+    duplicate_images: int = 0  # images of exact repeats of an item's published row
+    superseded_rows: int = 0  # rows of an item that a newer version in the file replaced
+    kept_items: int = 0  # items whose rows were all rejected, kept as the last run had them
+    kept_images: int = 0
     jobs: int = 0  # distinct upsert jobs of the run, published now or before a resume
     already_published: int = 0  # found in the ledger on resume, so not sent again
 
     def add(self, other: PublishCounts) -> None:
-        self.rows += other.rows
-        self.items += other.items
-        self.rejected += other.rejected
-        self.duplicate_images += other.duplicate_images
-        self.jobs += other.jobs
-        self.already_published += other.already_published
+        for name in _COUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @classmethod
     def from_checkpoint(cls, cp: Checkpoint) -> PublishCounts:
@@ -86,7 +98,11 @@ class PublishCounts:
             rows=cp.rows_consumed,
             items=cp.items,
             rejected=cp.rejected,
+            rejected_unattributed=cp.rejected_unattributed,
             duplicate_images=cp.duplicate_images,
+            superseded_rows=cp.superseded_rows,
+            kept_items=cp.kept_items,
+            kept_images=cp.kept_images,
             jobs=cp.jobs_confirmed,
         )
 
@@ -95,9 +111,27 @@ class PublishCounts:
             "rows_consumed": self.rows,
             "items": self.items,
             "rejected": self.rejected,
+            "rejected_unattributed": self.rejected_unattributed,
             "duplicate_images": self.duplicate_images,
+            "superseded_rows": self.superseded_rows,
+            "kept_items": self.kept_items,
+            "kept_images": self.kept_images,
             "jobs_confirmed": self.jobs,
         }
+
+
+_COUNT_FIELDS = (
+    "rows",
+    "items",
+    "rejected",
+    "rejected_unattributed",
+    "duplicate_images",
+    "superseded_rows",
+    "kept_items",
+    "kept_images",
+    "jobs",
+    "already_published",
+)
 
 
 @dataclass
@@ -109,7 +143,11 @@ class PublishReport:
     jobs: int = 0
     deleted: int = 0
     duplicate_images: int = 0
+    superseded_rows: int = 0
     rejected: int = 0
+    rejected_unattributed: int = 0
+    kept_items: int = 0
+    kept_images: int = 0
     already_published: int = 0
     resumed_from_row: int | None = None
     previous_run_id: str | None = None
@@ -121,6 +159,23 @@ class PublishReport:
     def expected_jobs(self) -> int:
         return self.jobs + self.deleted
 
+    @classmethod
+    def of(cls, run_id: str, lane: str, counts: PublishCounts, **extra: Any) -> PublishReport:
+        return cls(
+            run_id=run_id,
+            lane=lane,
+            rows=counts.rows,
+            items=counts.items,
+            jobs=counts.jobs,
+            duplicate_images=counts.duplicate_images,
+            superseded_rows=counts.superseded_rows,
+            rejected=counts.rejected,
+            rejected_unattributed=counts.rejected_unattributed,
+            kept_items=counts.kept_items,
+            kept_images=counts.kept_images,
+            **extra,
+        )
+
     def as_dict(self) -> dict[str, object]:
         return {
             "run_id": self.run_id,
@@ -131,7 +186,13 @@ class PublishReport:
             "deleted": self.deleted,
             "expected_jobs": self.expected_jobs,
             "duplicate_images": self.duplicate_images,
+            "superseded_rows": self.superseded_rows,
             "rejected": self.rejected,
+            # Rejected rows never delete: their items are kept as the last run had them
+            # (kept_items, republished in `jobs`); rows without an item id cannot keep one.
+            "rejected_unattributed": self.rejected_unattributed,
+            "kept_items": self.kept_items,
+            "kept_images": self.kept_images,
             "already_published": self.already_published,
             "resumed_from_row": self.resumed_from_row,
             "previous_run_id": self.previous_run_id,
@@ -176,6 +237,17 @@ class _Images:
     fresh: np.ndarray
 
 
+def _usable(entry: CatalogueItem | RejectedRow) -> CatalogueItem | RejectedRow:
+    """The entry, or the reject ``row_problem`` makes of it."""
+    if isinstance(entry, RejectedRow):
+        return entry
+    problem = row_problem(entry)
+    if problem is None:
+        return entry
+    attributed = entry.item_id if len(entry.item_id) <= MAX_ITEM_ID_CHARS else None
+    return RejectedRow(entry.line, problem, entry.item_id[:200], attributed)
+
+
 class UpsertPhase:
     """Reads the catalogue and publishes one job per new image; resumable by rows."""
 
@@ -215,8 +287,53 @@ class UpsertPhase:
         self._outgoing: list[Job] = []
         self._started_s = time.monotonic()
         self._jobs_at_start = counts.jobs
+        self._winners = Winners.none()
+        self._winners_met = 0
+        self._rows_in_first_pass = 0
+        self._rejected_keys = array("q")  # item keys of rejected rows that name their item
+
+    def rejected_item_keys(self) -> np.ndarray:
+        """Item keys named by the rejected rows read so far (repeats included)."""
+        return np.frombuffer(self._rejected_keys, np.int64).copy()
+
+    async def _first_pass(self, source: Iterable[CatalogueItem | RejectedRow]) -> None:
+        """Find the winning row of every item listed more than once."""
+        started_s = time.monotonic()
+        versions = ItemVersions()
+        entries = 0
+        progress = RunProgress(
+            self.log,
+            getattr(source, "fraction_done", _no_fraction),
+            getattr(source, "total_rows_hint", None),
+            self.progress_interval_s,
+        )
+        progress.what = "catalogue rows, first pass (repeated items)"
+        async with contextlib.aclosing(chunks_in_thread(source, chunk_rows=CHUNK_ROWS)) as chunks:
+            async for chunk in chunks:
+                entries += len(chunk)
+                progress.advance(len(chunk))
+                for entry in chunk:
+                    entry = _usable(entry)
+                    if isinstance(entry, CatalogueItem):
+                        versions.add(
+                            row_key(entry.item_id),
+                            entry.version,
+                            entry.line,
+                            content_key(entry.image_urls, entry.etag),
+                        )
+        peak_bytes = versions.nbytes
+        self._winners = versions.finish()
+        self._rows_in_first_pass = entries
+        self.log.info(
+            "catalogue read for repeated items",
+            rows=entries,
+            repeated_items=len(self._winners),
+            table_bytes=peak_bytes,
+            elapsed_s=round(time.monotonic() - started_s, 3),
+        )
 
     async def run(self, source: Iterable[CatalogueItem | RejectedRow]) -> None:
+        await self._first_pass(source)
         fraction = getattr(source, "fraction_done", _no_fraction)
         progress = RunProgress(
             self.log, fraction, getattr(source, "total_rows_hint", None), self.progress_interval_s
@@ -239,6 +356,12 @@ class UpsertPhase:
                 progress.advance(len(chunk), **self._progress_extra(fraction, progress))
                 if self.checkpoints is not None and self.checkpoints.due():
                     await self.checkpoint()
+        if row != self._rows_in_first_pass or self._winners_met != len(self._winners):
+            raise CatalogueChangedError(
+                f"the catalogue changed between its two reads ({self._rows_in_first_pass} "
+                f"rows, then {row}); what was confirmed stays published, resume the run "
+                "once the file stays put"
+            )
         await self._flush_outgoing()
         if self.batches is not None:
             await self.batches.drain()
@@ -275,33 +398,70 @@ class UpsertPhase:
         self, chunk: list[CatalogueItem | RejectedRow], delta: PublishCounts
     ) -> tuple[list[CatalogueItem], list[RejectedRow], _Images]:
         """The chunk's items and rejects, and its images with which of them are new."""
-        items: list[CatalogueItem] = []
         rejects: list[RejectedRow] = []
+        rows: list[CatalogueItem] = []
         for entry in chunk:
+            entry = _usable(entry)
             if isinstance(entry, RejectedRow):
                 rejects.append(entry)
-                continue
-            problem = row_problem(entry)
-            if problem is not None:
-                rejects.append(RejectedRow(entry.line, problem, entry.item_id[:200]))
-                continue
-            items.append(entry)
+            else:
+                rows.append(entry)
+        items = self._winning(rows, rejects, delta)
+        item_keys = [item_key(item.item_id) for item in items]
+        rejects.sort(key=lambda reject: reject.line)
+        for reject in rejects:
+            if reject.item_id is None:
+                delta.rejected_unattributed += 1
+            else:
+                self._rejected_keys.append(item_key(reject.item_id))
         item_of: list[int] = []
         image_ids: list[int] = []
         keys: list[int] = []
         versions: list[int] = []
+        urls: list[str] = []
         for slot, item in enumerate(items):
-            for position in range(len(item.image_urls)):
+            for position, url in enumerate(item.image_urls):
                 item_of.append(slot)
                 image_ids.append(image_id_for(item.item_id, str(position)))
                 keys.append(position)
                 versions.append(item.version)
-        fresh = self.builder.add([i.item_id for i in items], item_of, image_ids, keys, versions)
+                urls.append(url)
+        fresh = self.builder.add(
+            [i.item_id for i in items], item_of, image_ids, keys, versions, urls, item_keys
+        )
         delta.rows += len(chunk)
         delta.items += len(items)
         delta.rejected += len(rejects)
         delta.duplicate_images += len(fresh) - int(fresh.sum())
         return items, rejects, _Images(item_of, image_ids, keys, fresh)
+
+    def _winning(
+        self, rows: list[CatalogueItem], rejects: list[RejectedRow], delta: PublishCounts
+    ) -> list[CatalogueItem]:
+        """The rows to publish (each item's winning row); the other rows of a repeated item
+        are counted, or rejected when they contradict the winner."""
+        w = self._winners
+        if not len(w):
+            return rows
+        found = w.find(np.array([row_key(r.item_id) for r in rows], np.int64)).tolist()
+        items: list[CatalogueItem] = []
+        for row, at in zip(rows, found, strict=True):
+            if at < 0 or row.line == int(w.lines[at]):
+                if at >= 0:
+                    self._winners_met += 1
+                items.append(row)
+            elif row.version < int(w.versions[at]):
+                delta.superseded_rows += 1
+            elif content_key(row.image_urls, row.etag) == int(w.contents[at]):
+                delta.duplicate_images += len(row.image_urls)
+            else:
+                line = int(w.lines[at])
+                reason = (
+                    f"item {row.item_id[:200]!r}: version {row.version} is also at line "
+                    f"{line} with other image URLs or etag; line {line} is used"
+                )
+                rejects.append(RejectedRow(row.line, reason, row.item_id[:200], row.item_id))
+        return items
 
     def _remember(self, chunk: list[CatalogueItem | RejectedRow]) -> None:
         self._candidates(chunk, PublishCounts())
@@ -426,14 +586,10 @@ async def publish_catalogue(
     finally:
         if rejects is not None:
             rejects.close()
-    report = PublishReport(
-        run_id=run_id,
-        lane=lane.value,
-        rows=counts.rows,
-        items=counts.items,
-        jobs=counts.jobs,
-        duplicate_images=counts.duplicate_images,
-        rejected=counts.rejected,
+    report = PublishReport.of(
+        run_id,
+        lane.value,
+        counts,
         elapsed_s=time.monotonic() - started_s,
         rejects=phase.rejects_kept,
     )

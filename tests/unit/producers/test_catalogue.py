@@ -84,3 +84,25 @@ def test_publish_dedupes_images_and_writes_rejects(tmp_path: Path) -> None:
     asyncio.run(scenario())
     reject = orjson.loads((tmp_path / "rejects.jsonl").read_text().splitlines()[0])
     assert reject["line"] == 32
+
+
+def test_item_ids_are_taken_as_written_never_trimmed(tmp_path: Path) -> None:
+    """A padded id is rejected with its line, not merged into the trimmed id (issue 21, D5);
+    the reject names the trimmed id as its item, the one older versions indexed for it."""
+    path = tmp_path / "cat.csv"
+    path.write_text(
+        "item_id,image_urls\n"
+        "padded ,http://x/a.jpg\n"  # a CSV export's trailing space
+        "padded,http://x/b.jpg\n"
+        "in side,http://x/c.jpg\n"
+        "\t,http://x/d.jpg\n"
+    )
+    out = list(read_catalogue(path))
+    assert [(i.line, i.item_id) for i in out if isinstance(i, CatalogueItem)] == [
+        (3, "padded"),
+        (4, "in side"),
+    ]
+    rejects = [r for r in out if isinstance(r, RejectedRow)]
+    assert [(r.line, r.item_id) for r in rejects] == [(2, "padded"), (5, None)]
+    assert rejects[0].reason.startswith("item_id: starts or ends with whitespace: 'padded '")
+    assert rejects[1].reason == "item_id: missing"

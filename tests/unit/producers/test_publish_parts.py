@@ -124,8 +124,13 @@ def _build(rows: list[tuple[str, int, int]]) -> ImageSnapshot:
             [image_id_for(item_id, str(k)) for k in range(images)],
             list(range(images)),
             [version] * images,
+            [_url(item_id, k, version) for k in range(images)],
         )
     return builder.finish()
+
+
+def _url(item_id: str, key: int, version: int) -> str:
+    return f"http://x/{item_id}/{key}/v{version}.jpg"
 
 
 def test_snapshot_round_trip_and_diff(tmp_path: Path) -> None:
@@ -142,6 +147,12 @@ def test_snapshot_round_trip_and_diff(tmp_path: Path) -> None:
         assert image_id_for(item, key) == int(loaded.image_ids[index])
     by_item = {loaded.item_id(i): int(loaded.versions[i]) for i in range(len(loaded))}
     assert by_item == {"a": 5, "b": 1, "c": 7, "ü-d": 2}  # first seen wins
+    # Each image keeps its URL (what lets the next run keep the item of a rejected row).
+    urls = loaded.urls_at(np.arange(len(loaded))[::-1])
+    assert urls == [
+        _url(loaded.item_id(i), int(loaded.image_keys[i]), int(loaded.versions[i]))
+        for i in range(len(loaded))[::-1]
+    ]
     # Saved without pickle: numpy refuses pickled arrays when loading it.
     with np.load(storage.local_path("runs/night-1/images.npz"), allow_pickle=False) as npz:
         assert {"image_ids", "item_blob", "item_offsets"} <= set(npz.files)
