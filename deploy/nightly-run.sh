@@ -12,7 +12,11 @@
 # asks again every FINALIZE_POLL_S (default 300) for up to FINALIZE_TIMEOUT_S (default
 # 21600). Any other non-zero exit (2: configuration) stops at once. When the wait runs
 # out the run stays unpublished and the previous generation keeps serving: look at
-# `imgfleet dlq list`, or publish anyway with `imgfleet index finalize --run RUN --force`.
+# `imgfleet dlq list`, or publish anyway with `imgfleet index finalize --run RUN --force`
+# (which would also roll back a newer run, should one be serving by then).
+# Exit 5 from finalize means a newer run of the catalogue is already serving (yesterday's
+# cut-off run finishing after today's): nothing to publish, and the index is current, so
+# this exits 0. Exit 6 (the run is of another catalogue than the one serving) stops here.
 set -eu
 
 source_path=${1:?usage: imgfleet-nightly SOURCE [RUN_ID]}
@@ -47,6 +51,14 @@ while :; do
             ;;
         1)
             ;;  # not every job accounted for yet (or a transient error): ask again later
+        5)
+            echo "nightly run ${run_id}: superseded by a newer run that is already serving; nothing to publish"
+            exit 0
+            ;;
+        6)
+            echo "nightly run ${run_id}: is of another catalogue than the serving index; not published (--force switches catalogues)" >&2
+            exit 6
+            ;;
         *)
             echo "nightly run ${run_id}: index finalize failed with exit code ${status}" >&2
             exit "${status}"

@@ -42,10 +42,21 @@ class IndexRunRegistry:
         )
 
     def last_published(self, catalogue: str, *, exclude_run_id: str) -> RunRecord | None:
+        """The newest published run of ``catalogue`` that started before ``exclude_run_id``.
+
+        A run resumed after a newer one published (yesterday's cut-off run, finished
+        today) deletes what left the catalogue since the run before it, never what the
+        newer run added: its dump is older than those items (``index.lineage``).
+        """
+        runs = list_runs(self.storage)
+        mine = [r.started_at_s for r in runs if r.run_id == exclude_run_id]
         runs = [
             r
-            for r in list_runs(self.storage)
-            if r.catalogue == catalogue and r.state == RUN_PUBLISHED and r.run_id != exclude_run_id
+            for r in runs
+            if r.catalogue == catalogue
+            and r.state == RUN_PUBLISHED
+            and r.run_id != exclude_run_id
+            and (not mine or r.started_at_s < mine[0])
         ]
         return record_of(runs[-1]) if runs else None
 

@@ -12,7 +12,11 @@ once; files of the dead attempt carry their own random tag and are removed by pr
 
 Records of a nightly run other than the generation's own are not applied live: the run
 builds its own generation. Vectors of another model are skipped (they need a new
-generation); their count is reported.
+generation); their count is reported. After a rollback this is what keeps the rollback:
+the generation served again gets every CMS change it has not applied (those made while
+the newer generation served included, so none is lost), and none of the newer run's
+records (its deletes and bumps stay undone, as ``index rollback`` warned); the runs
+skipped are named in the report.
 
 Compaction: when a shard's delta table passes ``compact_delta_fraction`` of its base, the
 two are merged into a new base. Retraining is per generation, because the IVF shards of a
@@ -84,6 +88,7 @@ class ApplyReport:
     deletes: int = 0
     stale: int = 0  # older than what the shard holds: dropped
     other_run: int = 0  # records of another nightly run
+    other_runs: list[str] = field(default_factory=list)  # which runs
     other_model: int = 0
     shards: list[int] = field(default_factory=list)
     compacted: list[int] = field(default_factory=list)
@@ -98,6 +103,7 @@ class ApplyReport:
             "deletes": self.deletes,
             "stale": self.stale,
             "other_run": self.other_run,
+            "other_runs": self.other_runs,
             "other_model": self.other_model,
             "shards": self.shards,
             "compacted": self.compacted,
@@ -197,6 +203,9 @@ class Applier:
             if versioned.manifest is None:
                 return ApplyReport()
             gen = versioned.manifest.current()
+            # Shards of generations no longer served (a new build, a rollback) would stay
+            # loaded for the life of the loop otherwise.
+            self._cache.retain(gen)
             listing_ns = time.time_ns()
             pending = gen.pending(list_segments(self.storage))
             report = ApplyReport(generation=gen.generation)
@@ -311,12 +320,15 @@ class Applier:
         report: ApplyReport,
     ) -> None:
         foreign = np.array([r for r in runs if r != gen.run_id] or [""], dtype=np.str_)
+        other_runs: set[str] = set()
         for segment in segments:
             other_run = np.isin(segment.run_ids, foreign) & (segment.run_ids != "")
             report.other_run += int(other_run.sum())
+            other_runs.update(str(r) for r in np.unique(segment.run_ids[other_run]))
             if gen.model_id is not None:
                 other_model = ~segment.tombstones & (segment.model_ids != gen.model_id)
                 report.other_model += int((other_model & ~other_run).sum())
+        report.other_runs = sorted(other_runs)
         if report.other_model:
             get_logger("index.apply").warning(
                 "vectors of another model skipped; build a new generation for them",

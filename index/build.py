@@ -27,6 +27,7 @@ import numpy as np
 from common.observability.logging import get_logger
 from common.observability.progress import Progress
 from common.storage.base import Storage
+from index.generations import build_state
 from index.manifest import GenerationInfo, load_versioned
 from index.params import METRIC, IndexPolicy
 from index.records import DEFAULT_GRACE_S, IndexBuildError, RecordFilter, resolve_rows
@@ -111,6 +112,7 @@ def build_unpublished(
     built = builder.finish(dim)
 
     through_ns = listing_ns - int(grace_s * 1e9)
+    state = build_state(storage, run)
     return GenerationInfo(
         generation=generation,
         created_at_s=time.time(),
@@ -119,6 +121,8 @@ def build_unpublished(
         dim=dim,
         model_id=next(iter(model_ids), None),
         run_id=run_id,
+        catalogue=state.catalogue,
+        catalogue_as_of_s=state.as_of_s,
         shards=built.shards,
         applied_through_ns=max(through_ns, 0),
         applied_after=[k for k in keys if segment_time_ns(k) > through_ns],

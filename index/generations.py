@@ -13,6 +13,10 @@ generation only revisions older than the shard's current one are removed, so an 
 writing the next revision is safe. With ``segments=True`` it also deletes segments that
 no kept generation can need: older than every kept generation's run.
 
+A generation's catalogue state (``index.lineage``) says whether another may replace it:
+``check_replacement`` refuses a build older in catalogue state than the serving generation,
+or of another catalogue, unless forced; a rollback is allowed but names what it undoes.
+
 Recall evaluation of a published generation is ``index.evaluation``.
 """
 
@@ -26,6 +30,7 @@ from typing import Any
 from common.errors import ExitCode, OperatorError
 from common.observability.logging import get_logger
 from common.storage.base import Storage
+from index.lineage import CatalogueState, ReplacementProblem, replacement_problem
 from index.manifest import (
     GenerationInfo,
     Manifest,
@@ -33,7 +38,7 @@ from index.manifest import (
     load_versioned,
     update_manifest,
 )
-from index.runs import read_run
+from index.runs import RunInfo, RunNotFoundError, list_run_ids, read_run
 from index.segments import list_segments, segment_time_ns
 
 GENERATIONS_PREFIX = "generations/"
@@ -96,8 +101,72 @@ def _generation_summary(g: GenerationInfo, manifest: Manifest) -> dict[str, Any]
     }
 
 
-def rollback(storage: Storage, to_generation: int | None = None) -> int:
-    """Serve ``to_generation`` (default: the newest kept one older than current)."""
+def generation_state(storage: Storage, gen: GenerationInfo) -> CatalogueState:
+    """The catalogue state of a published generation (its run file says, for manifests
+    written before the generation recorded it)."""
+    catalogue, as_of_s = gen.catalogue, gen.catalogue_as_of_s
+    if as_of_s is None and gen.run_id is not None:
+        try:
+            run = read_run(storage, gen.run_id)
+        except RunNotFoundError:
+            pass  # unknown: never refuses
+        else:
+            catalogue, as_of_s = run.catalogue or None, run.started_at_s
+    return CatalogueState(gen.run_id, catalogue, as_of_s, gen.generation)
+
+
+def build_state(storage: Storage, run: RunInfo | None) -> CatalogueState:
+    """The catalogue state of a generation built from ``run`` (None: a full replay, which
+    holds every run's records: as new as the newest run, of no one catalogue)."""
+    if run is not None:
+        return CatalogueState(run.run_id, run.catalogue or None, run.started_at_s)
+    starts = []
+    for run_id in list_run_ids(storage):
+        try:
+            starts.append(read_run(storage, run_id).started_at_s)
+        except RunNotFoundError:
+            continue  # a broken run file holds no catalogue time
+    return CatalogueState(None, None, max(starts) if starts else None)
+
+
+def check_replacement(
+    storage: Storage, candidate: CatalogueState, *, force: bool
+) -> ReplacementProblem | None:
+    """Raise ``SupersededError`` / ``OtherCatalogueError`` if ``candidate`` would undo the
+    serving generation's catalogue state; with ``force``, return what it undoes instead."""
+    manifest = load_versioned(storage).manifest
+    if manifest is None:
+        return None
+    problem = replacement_problem(generation_state(storage, manifest.current()), candidate)
+    if problem is not None and not force:
+        raise problem.refusal()
+    return problem
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    generation: int  # serving now
+    replaced: int  # serving before
+    undoes: str | None  # what serving ``generation`` undoes of ``replaced``, or None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "current_generation": self.generation,
+            "replaced": self.replaced,
+            "undoes": self.undoes,
+        }
+
+
+def rollback(storage: Storage, to_generation: int | None = None) -> RollbackResult:
+    """Serve ``to_generation`` (default: the newest kept one older than current).
+
+    Allowed whatever the catalogue states, but what it undoes is logged and returned: a
+    target older in catalogue state than the serving generation serves its older
+    catalogue again (the newer runs' deletes and bumps stay undone, as live apply applies
+    no other run's records), while CMS changes are kept: live apply applies to it every
+    CMS segment it has not applied, those made while the newer generation served included.
+    """
+    seen: list[RollbackResult] = []
 
     def change(manifest: Manifest) -> Manifest:
         target = to_generation
@@ -113,11 +182,21 @@ def rollback(storage: Storage, to_generation: int | None = None) -> int:
         if not manifest.has(target):
             kept = [g.generation for g in manifest.generations]
             raise GenerationError(f"generation {target} is not kept (kept: {kept})")
+        current = manifest.current()
+        problem = replacement_problem(
+            generation_state(storage, current), generation_state(storage, manifest.get(target))
+        )
+        seen[:] = [RollbackResult(target, current.generation, problem.text if problem else None)]
         return manifest.model_copy(update={"current_generation": target})
 
-    manifest = _update_manifest(storage, change)
-    get_logger("index.generations").info("rolled_back", generation=manifest.current_generation)
-    return manifest.current_generation
+    _update_manifest(storage, change)
+    result = seen[0]
+    log = get_logger("index.generations")
+    if result.undoes:
+        log.warning("rolled back to an older catalogue state", **result.as_dict())
+    else:
+        log.info("rolled_back", **result.as_dict())
+    return result
 
 
 @dataclass

@@ -109,6 +109,11 @@ class GenerationInfo(BaseModel):
     dim: int = Field(ge=1)
     model_id: str | None
     run_id: str | None = None
+    # Its catalogue state (``index.lineage``): the run's catalogue_name and start; None in
+    # manifests written before they were recorded (then the run file says), and for a
+    # full replay's catalogue (it holds every catalogue's records).
+    catalogue: str | None = None
+    catalogue_as_of_s: float | None = None
     shards: list[ShardInfo]
     # Every segment with a key timestamp <= applied_through_ns is accounted for (replayed
     # by the build, applied live, or older than the run the generation was built from);

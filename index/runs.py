@@ -12,7 +12,8 @@ dead-lettered it. The dead-letter figures come from the composition root: this p
 never talks to a broker.
 
 A run is finalised once: ``runs/<run_id>.final.json`` records the accounting, whether it
-was forced, and the generation it published.
+was forced, the generation it published, and what a forced publish of a superseded run
+undid (``index.lineage``).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def ensure_published(run: RunInfo) -> None:
         raise RunStillPublishingError(run)
 
 
-def _run_ids(storage: Storage) -> list[str]:
+def list_run_ids(storage: Storage) -> list[str]:
     """The id of every run file (not the finalisations, not the keys under a run's folder)."""
     ids = []
     for key in storage.list(RUNS_PREFIX):
@@ -157,11 +158,11 @@ def _run_ids(storage: Storage) -> list[str]:
 
 def nightly_runs(storage: Storage) -> frozenset[str]:
     """Ids of every nightly run: their records belong to the generation built from them."""
-    return frozenset(_run_ids(storage))
+    return frozenset(list_run_ids(storage))
 
 
 def list_runs(storage: Storage) -> list[RunInfo]:
-    runs = [read_run(storage, run_id) for run_id in _run_ids(storage)]
+    runs = [read_run(storage, run_id) for run_id in list_run_ids(storage)]
     return sorted(runs, key=lambda r: r.started_at_s)
 
 
@@ -240,12 +241,19 @@ def account_run(
 
 
 def write_finalization(
-    storage: Storage, accounting: RunAccounting, *, forced: bool, generation: int | None
+    storage: Storage,
+    accounting: RunAccounting,
+    *,
+    forced: bool,
+    generation: int | None,
+    undoes: str | None = None,
 ) -> dict[str, Any]:
+    """``undoes``: the newer catalogue state a forced publish replaced (``index.lineage``)."""
     record = {
         **accounting.as_dict(),
         "forced": forced,
         "generation": generation,
+        "undoes": undoes,
         "finalized_at_s": time.time(),
     }
     storage.put(final_key(accounting.run_id), orjson.dumps(record))

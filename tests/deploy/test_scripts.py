@@ -166,3 +166,19 @@ def test_nightly_gives_up_after_its_timeout(tmp_path: Path) -> None:
     assert code == 1
     assert calls == ["produce catalogue cat.jsonl --run-id r3", "index finalize --run r3"]
     assert "not published" in output
+
+
+@pytest.mark.integration
+def test_nightly_superseded_run_is_done_and_another_catalogue_stops(tmp_path: Path) -> None:
+    code, calls, output = _nightly(
+        tmp_path, "cat.jsonl", "r4", FINALIZE_CODE="5", FINALIZE_OK_AFTER="99"
+    )
+    assert code == 0, output
+    assert calls == ["produce catalogue cat.jsonl --run-id r4", "index finalize --run r4"]
+    assert "superseded" in output
+    code, calls, output = _nightly(
+        tmp_path, "cat.jsonl", "r5", FINALIZE_CODE="6", FINALIZE_OK_AFTER="99"
+    )
+    assert code == 6
+    assert calls == ["produce catalogue cat.jsonl --run-id r5", "index finalize --run r5"]
+    assert "another catalogue" in output

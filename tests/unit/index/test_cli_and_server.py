@@ -70,7 +70,8 @@ def test_index_commands_end_to_end(
     assert "i4" not in {h["item_id"] for h in last_json(capsys)}  # type: ignore[union-attr]
 
     assert main(["index", "rollback", "--json"]) == 0
-    assert last_json(capsys) == {"current_generation": 1}
+    # Two full replays, neither older in catalogue state: nothing is undone.
+    assert last_json(capsys) == {"current_generation": 1, "replaced": 2, "undoes": None}
     assert main(["index", "rollback", "--to", "7"]) == 1
     assert "not kept" in capsys.readouterr().err
 

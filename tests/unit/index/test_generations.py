@@ -98,7 +98,7 @@ def test_rollback_and_live_apply_on_rolled_back_generation(
     build_generation(storage, 2, run_id="night-2", grace_s=0.0)
     assert live_ids(storage) == {image_id_for(f"bad-{i}", "0") for i in range(2)}
 
-    assert rollback(storage) == 1
+    assert rollback(storage).generation == 1
     searcher = Searcher(storage)
     assert searcher.generation == 1
     # CMS changes keep flowing into the rolled-back generation; the bad run's do not.
@@ -106,7 +106,7 @@ def test_rollback_and_live_apply_on_rolled_back_generation(
     report = Applier(storage, grace_s=0.0).apply_once()
     assert report.other_run == 2 and report.upserts == 1
     assert live_ids(storage) == {image_id_for(n, "0") for n in ("i0", "i1", "i2", "cms")}
-    assert rollback(storage, 2) == 2
+    assert rollback(storage, 2).generation == 2
     with pytest.raises(GenerationError, match="not kept"):
         rollback(storage, 9)
 
