@@ -60,7 +60,10 @@ def test_kill9_mid_run_then_restart_loses_nothing(fleet: Fleet) -> None:
     worker = fleet.spawn("work", "--worker-id", "victim")
     try:
         wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
-        os.killpg(worker.pid, signal.SIGKILL)
+        # The worker alone, as the OOM killer or `kill -9 <pid>` does: its decode processes
+        # follow it, and the resource tracker unlinks their shared memory (a group kill
+        # would take the tracker too, and leak it in /dev/shm).
+        os.kill(worker.pid, signal.SIGKILL)
         worker.wait(10)
     finally:
         if worker.poll() is None:
@@ -102,7 +105,7 @@ def test_two_workers_share_one_queue_and_one_dies(fleet: Fleet) -> None:
     victim = fleet.spawn("work", "--worker-id", "victim")
     try:
         wait_for(lambda: _segment_count(fleet) >= 2, 120, "the first segments")
-        os.killpg(victim.pid, signal.SIGKILL)
+        os.kill(victim.pid, signal.SIGKILL)  # alone, as above
         victim.wait(10)
         # The survivor picks up the victim's leased jobs once their visibility times out.
         code = steady.wait(180)

@@ -8,15 +8,21 @@ exactly as for a real decode.
 
 Functions sent to a process must be importable there: module-level functions (like
 ``crash_worker`` and ``ping`` below) pickle by reference.
+
+``parent_death_signal`` and ``arm_then_sleep`` look at ``workers.decode.parent_watch`` from
+inside a process: the signal it was armed with, and how it exits once its parent is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from workers.decode.parent_watch import ChildWatch
 from workers.decode.pool import DecodePool
 from workers.decode.types import DecodeResult
 
@@ -31,6 +37,23 @@ def crash_worker() -> None:
 def ping() -> bool:
     """A job that always succeeds: the pool's processes are working."""
     return True
+
+
+_PR_GET_PDEATHSIG = 2  # <linux/prctl.h>
+
+
+def parent_death_signal() -> int:
+    """The signal this process gets when its parent dies; 0 for none (Linux only)."""
+    sig = ctypes.c_int(-1)
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_GET_PDEATHSIG, ctypes.byref(sig)) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_GET_PDEATHSIG) failed")
+    return sig.value
+
+
+def arm_then_sleep(watch: ChildWatch, sleep_s: float) -> None:
+    """A process target: arm the watch as a decode process does, then idle (exit 0)."""
+    watch.arm()
+    time.sleep(sleep_s)
 
 
 class HookedDecodePool(DecodePool):

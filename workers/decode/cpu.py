@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+import warnings
 
 import cv2
 import numpy as np
@@ -35,6 +36,11 @@ import common.defaults as defaults
 from common.errors import JobFailure, PermanentError, Reason, TransientError
 from workers.decode.preprocess import INPUT_SIZE, resize_and_crop, to_rgb
 from workers.decode.types import DecodeResult
+
+# PIL warns (DecompressionBombWarning) on the terminal for images over its own pixel limit
+# before our max_pixels check, right after the header read, rejects them with a clean
+# too_many_pixels reason; the check owns the limit, so the warning is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # The configuration's default (worker.max_pixels), for callers that decode without settings.
 DEFAULT_MAX_PIXELS = defaults.MAX_PIXELS

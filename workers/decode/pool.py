@@ -10,11 +10,16 @@ frees it. Pickling the array instead costs a copy into the pickle, the pipe tran
 copy out. When every slot is busy (more jobs in flight than slots) a job falls back to the
 pickled return, so the pool never blocks on slots.
 
-Workers are started with "spawn" by default: the parent has torch (and CUDA) loaded, and
-forking a process with live CUDA state or foreign threads is unsafe. A spawned child
+Workers are started with "spawn", the only start method accepted: the parent has torch
+(and CUDA) loaded, and forking a process with live CUDA state or foreign threads is unsafe;
+a forkserver's children are not ours to watch (below). A spawned child
 re-imports the parent's ``__main__`` module, so the entry point must keep heavy imports
 under ``if __name__ == "__main__"``. Each child repeats the parent's logging set-up (format,
 level, masked secrets, worker id), so its lines look like the parent's.
+
+The processes never outlive this one: each exits the moment its parent is gone, SIGKILL
+included (``parent_watch``), so multiprocessing's resource tracker, which waits for every
+one of them, exits too and unlinks the slot block and the queues' semaphores from /dev/shm.
 
 A pool that keeps dying is not restarted forever: after ``max_restarts`` restarts in a
 row with no decode completing in between, every decode raises ``UnrecoverableError`` and
@@ -35,7 +40,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from functools import partial
 from multiprocessing import shared_memory
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -44,6 +49,7 @@ from common.errors import Reason, TransientError, UnrecoverableError
 from common.observability.logging import apply_logging_config, get_logger, logging_config
 from workers.decode.cpu import DEFAULT_MAX_PIXELS, configure_decoder_threads, decode_image
 from workers.decode.limits import IN_FLIGHT_PER_PROCESS
+from workers.decode.parent_watch import ChildWatch, ParentWatch
 from workers.decode.preprocess import INPUT_SIZE
 from workers.decode.types import DecodeResult
 
@@ -68,7 +74,9 @@ def _tune_malloc() -> None:
         pass  # not glibc: nothing to tune
 
 
-def _init_child(log_config: dict[str, Any] | None = None) -> None:
+def _init_child(log_config: dict[str, Any] | None = None, watch: ChildWatch | None = None) -> None:
+    if watch is not None:
+        watch.arm()  # first: a process whose parent is gone does nothing else
     if log_config is not None:
         apply_logging_config(log_config, process="decode", pid=os.getpid())
     configure_decoder_threads()
@@ -144,6 +152,10 @@ class DecodePool:
             raise ValueError(f"processes must be >= 1, got {processes}")
         if start_method == "fork":
             raise ValueError("fork is unsafe in a process that has torch/CUDA loaded")
+        if start_method != "spawn":
+            # A forkserver's children are the server's: the parent-death guards, which
+            # watch this process, would see a stranger for a parent and exit at start.
+            raise ValueError(f"decode processes are spawned; {start_method!r} is not supported")
         self.processes = processes
         self.size = size
         self.max_pixels = max_pixels
@@ -157,6 +169,10 @@ class DecodePool:
         self._lock = threading.Lock()
         self._closed = False
         self._log_config = logging_config()
+        # Ends every process of this pool, and of the executors that replace it, when
+        # this process dies (kill -9 included), so the resource tracker sees them go and
+        # unlinks the slot block (parent_watch.py).
+        self._parent_watch = ParentWatch()
         self._executor = self._new_executor()
         self.restarts = 0  # how many times a dead worker forced a new executor
         self.max_restarts = max_restarts
@@ -169,7 +185,8 @@ class DecodePool:
             max_workers=self.processes,
             mp_context=self._mp_context,
             initializer=_init_child,
-            initargs=(self._log_config,),
+            # Each process receives a ChildWatch in place of the ParentWatch (__reduce__).
+            initargs=(self._log_config, cast(ChildWatch, self._parent_watch)),
         )
 
     @property
@@ -318,6 +335,7 @@ class DecodePool:
             self._closed = True
             executor = self._executor
         executor.shutdown(wait=True, cancel_futures=True)
+        self._parent_watch.close()
         if self._slots is not None:
             self._slots.close()
 

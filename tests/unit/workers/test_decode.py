@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -242,6 +245,30 @@ def test_too_many_pixels_from_header(side_px: int) -> None:
         decode_image(png_header_only(side_px, side_px))
     assert err.value.reason == Reason.TOO_MANY_PIXELS
     assert time.perf_counter() - started < 0.5  # 2.7 GB of RGB was never allocated
+
+
+def test_an_image_over_pillows_warning_limit_is_rejected_without_a_warning() -> None:
+    # 10000^2 is over Pillow's warning limit (89 MP) and under its error limit: the user
+    # saw a DecompressionBombWarning line before our clean too_many_pixels reason. A fresh
+    # process, as the user's: pytest resets warning filters set while it imports modules.
+    script = (
+        "import sys\n"
+        "from tests.unit.workers.test_decode import png_header_only\n"
+        "from workers.decode.cpu import decode_image\n"
+        "try:\n"
+        "    decode_image(png_header_only(10_000, 10_000))\n"
+        "except Exception as exc:\n"
+        "    print(exc.reason.value)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[3],
+    )
+    assert done.stdout.strip() == Reason.TOO_MANY_PIXELS.value, done.stdout + done.stderr
+    assert "Warning" not in done.stderr, done.stderr
 
 
 def test_max_pixels_is_configurable() -> None:

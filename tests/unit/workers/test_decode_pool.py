@@ -2,22 +2,38 @@
 through shared memory, a dead worker is contained to the jobs it had in flight, and a pool
 that keeps dying is given up (the worker must exit, not spin).
 
-Every test runs its own pool or the module's; none needs a process of its own.
+Every test runs its own pool or the module's, or one spawned process. A process whose
+parent dies exits (the ``kill -9`` of a whole worker is in
+``tests/integration/test_worker_orphans.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.process import BaseProcess
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from common.errors import PermanentError, Reason, TransientError, UnrecoverableError
-from tests.support.decode_pool_hooks import HookedDecodePool, ping
+from tests.support.decode_pool_hooks import (
+    HookedDecodePool,
+    arm_then_sleep,
+    parent_death_signal,
+    ping,
+)
 from workers.decode.cpu import decode_image
+from workers.decode.parent_watch import ORPHANED_EXIT_CODE, ChildWatch, ParentWatch
 from workers.decode.pool import DecodePool
 
 
@@ -78,9 +94,11 @@ def test_pool_passes_the_minimum_decoded_fraction() -> None:
         assert lenient.decode_sync(cut).recovered
 
 
-def test_fork_is_refused() -> None:
-    with pytest.raises(ValueError):
+def test_fork_and_forkserver_are_refused() -> None:
+    with pytest.raises(ValueError, match="unsafe"):
         DecodePool(1, start_method="fork")
+    with pytest.raises(ValueError, match="forkserver"):
+        DecodePool(1, start_method="forkserver")
 
 
 # -- shared memory ---------------------------------------------------------------------
@@ -166,3 +184,59 @@ def test_restarts_in_a_row_give_up_and_a_success_resets_the_count() -> None:
         with pytest.raises(UnrecoverableError):
             pool.run_in_worker(ping)
     assert len(restarts) == pool.restarts == 3
+
+
+# -- the parent's death ----------------------------------------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+
+
+@linux_only
+def test_processes_spawned_by_the_main_thread_die_with_their_parent(
+    pool: HookedDecodePool,
+) -> None:
+    assert pool.run_in_worker(parent_death_signal).result(60) == signal.SIGKILL
+
+
+@linux_only
+def test_processes_spawned_by_a_passing_thread_outlive_that_thread() -> None:
+    # The kernel sends the parent-death signal when the spawning *thread* exits: armed
+    # here, the pool's process would die with the thread that first used the pool.
+    with HookedDecodePool(1) as pool:
+        spawner = threading.Thread(target=lambda: pool.run_in_worker(ping).result(60))
+        spawner.start()
+        spawner.join()
+        time.sleep(0.5)  # a signal, had one been armed, lands as the thread finishes exiting
+        assert pool.run_in_worker(parent_death_signal).result(60) == 0
+        assert pool.restarts == 0
+
+
+@contextmanager
+def _armed_process(watch: ParentWatch | ChildWatch) -> Iterator[BaseProcess]:
+    """A spawned process that arms ``watch`` and then sleeps 60 s."""
+    child = multiprocessing.get_context("spawn").Process(target=arm_then_sleep, args=(watch, 60))
+    child.start()
+    try:
+        yield child
+    finally:
+        if child.is_alive():
+            child.kill()
+
+
+def test_a_process_exits_when_its_parents_end_of_the_pipe_closes() -> None:
+    # What the kernel does for a parent that dies, however it dies (the portable guard).
+    watch = ParentWatch()
+    with _armed_process(watch) as child:
+        watch.close()
+        child.join(30)
+        assert child.exitcode == ORPHANED_EXIT_CODE
+
+
+def test_a_process_whose_parent_died_before_it_armed_exits() -> None:
+    # As if the parent had died before arming: its recorded pid is not the real parent's.
+    # The real one lives on and keeps the pipe open, so only the pid check can end it.
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    with _armed_process(ChildWatch(reader, parent_pid=os.getppid(), death_signal=False)) as child:
+        child.join(30)
+        assert child.exitcode == ORPHANED_EXIT_CODE
+    writer.close()
