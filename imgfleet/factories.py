@@ -89,9 +89,7 @@ def make_broker(settings: Settings) -> Broker:
     if b.kind == "kafka":
         from common.brokers.kafka.broker import KafkaBroker
 
-        # Known quirk, kept as it is (a separate issue fixes it): Kafka takes
-        # broker.prefetch as configured (0 by default), not broker_prefetch(settings).
-        return KafkaBroker.from_config(b)
+        return KafkaBroker.from_config(b, prefetch=broker_prefetch(settings))
     raise ConfigError(f"unknown broker.kind={b.kind!r}")
 
 
@@ -114,6 +112,34 @@ def make_storage(settings: Settings) -> Storage:
 
         return S3Storage.from_config(s)
     raise ConfigError(f"unknown storage.kind={s.kind!r}")
+
+
+# Read-only commands (status, dlq, search, index status) must leave no state behind:
+# LocalStorage creates its root and the local broker its queue file, so a `status` in an
+# empty directory used to leave ./imgfleet-data/ there. They ask these first.
+
+
+def existing_storage(settings: Settings) -> Storage | None:
+    """The configured storage, or None where a local store was never written."""
+    s = settings.storage
+    if s.kind == "local" and not s.root.is_dir():
+        return None
+    return make_storage(settings)
+
+
+def missing_local_queue(settings: Settings) -> Path | None:
+    """The local broker's queue file where it does not exist yet (nothing was published).
+
+    A path that cannot become a file (a file in the way) is not "missing": connecting
+    reports it as the configuration error it is.
+    """
+    b = settings.broker
+    path = b.local_path
+    if b.kind != "local" or path.exists():
+        return None
+    if any(parent.exists() and not parent.is_dir() for parent in path.parents):
+        return None
+    return path
 
 
 # -- the worker's parts -------------------------------------------------------------------
@@ -257,6 +283,7 @@ def make_fetcher(settings: Settings) -> UrlFetcher:
         total_limit=w.fetch_concurrency,
         allow_networks=w.fetch_allow_networks,
         retries=w.fetch_retries,
+        retry_after_max_s=settings.broker.retry_after_max_s,
     )
     files = FileFetcher(max_bytes=w.max_download_bytes) if w.allow_file_urls else None
     return UrlFetcher(http, s3=s3, files=files)

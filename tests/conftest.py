@@ -50,3 +50,17 @@ def s3_client(endpoint: str) -> Any:
         aws_access_key_id="test",
         aws_secret_access_key="test",
     )
+
+
+@pytest.fixture(autouse=True)
+def _logging_config_is_per_test() -> Iterator[None]:
+    """Restore structlog's configuration after each test.
+
+    A CLI test that runs ``main`` in-process configures logging (one-shot commands log at
+    WARNING), and a later test's ``capture_logs`` would then see no INFO events at all.
+    """
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

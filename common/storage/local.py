@@ -36,8 +36,10 @@ class LocalStorage:
     """A directory tree; keys are '/'-separated relative paths."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        # The root is made by the first write, not here: read-only commands (status, search,
+        # a dry run) open storage too and must leave no ./imgfleet-data behind. Every read
+        # already treats a missing folder as empty.
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"LocalStorage({str(self.root)!r})"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.config import Settings
 from imgfleet.cli.output import print_json
-from imgfleet.cli.parser import subcommand
+from imgfleet.cli.parser import non_negative_int, positive_int, subcommand
+
+if TYPE_CHECKING:
+    from common.config import Settings
 
 
 def register(sub: Any) -> None:
@@ -21,13 +22,17 @@ def register(sub: Any) -> None:
         description="Generate a synthetic catalogue, serve it over loopback HTTP, publish it "
         "to the local broker, run a worker until drained, build the index and report.",
     )
-    demo.add_argument("--items", type=int, default=200, help="catalogue items (default 200)")
+    demo.add_argument(
+        "--items", type=positive_int, default=200, help="catalogue items (default 200)"
+    )
     demo.add_argument("--workdir", type=Path, default=Path("imgfleet-demo"))
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=non_negative_int, default=0)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON last")
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from imgfleet.demo.run import render_summary, run_demo
 
     summary = asyncio.run(run_demo(settings, args.workdir, args.items, seed=args.seed))

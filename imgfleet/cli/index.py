@@ -7,20 +7,15 @@ dead letters of a run, an embedded query image) is fetched here, in the composit
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.config import Settings
 from imgfleet.cli.output import print_json, print_result
-from imgfleet.cli.parser import subcommand
-from imgfleet.factories import (
-    configure_faiss_threads,
-    make_applier,
-    make_storage,
-    policy_from_config,
-    read_dead_letters,
-)
+from imgfleet.cli.parser import non_negative_float, positive_float, positive_int, subcommand
+from imgfleet.cli.state import NO_GENERATION, NOTHING_TO_BUILD, read_known_run
+
+if TYPE_CHECKING:
+    from common.config import Settings
 
 
 def register(sub: Any) -> None:
@@ -28,7 +23,7 @@ def register(sub: Any) -> None:
     actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     build = subcommand(
-        actions, "build", handler=_cmd_build, help="build a new generation and publish it"
+        actions, "build", handler=_cmd_build_explained, help="build a new generation and publish it"
     )
     build.add_argument("--run", dest="run_id", help="build from this nightly run's segments")
     build.add_argument(
@@ -36,6 +31,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="publish without first applying segments that landed during the build",
     )
+    build.add_argument("--force", action="store_true", help=_FORCE_OLDER)
 
     apply = subcommand(
         actions,
@@ -44,7 +40,9 @@ def register(sub: Any) -> None:
         help="apply new segments to the serving generation",
     )
     apply.add_argument("--watch", action="store_true", help="keep applying until interrupted")
-    apply.add_argument("--interval-s", type=float, help="seconds between cycles with --watch")
+    apply.add_argument(
+        "--interval-s", type=positive_float, help="seconds between cycles with --watch"
+    )
 
     finalize = subcommand(
         actions,
@@ -54,20 +52,26 @@ def register(sub: Any) -> None:
     )
     finalize.add_argument("--run", dest="run_id", required=True)
     finalize.add_argument(
-        "--force", action="store_true", help="finalise even with jobs not accounted for"
+        "--force",
+        action="store_true",
+        help="finalise even with jobs not accounted for; also " + _FORCE_OLDER,
     )
 
     status = subcommand(
         actions,
         "status",
         handler=_cmd_status,
+        log_level="warning",
         help="generations, shards, vector counts, parameters, recall",
     )
 
     rollback = subcommand(
-        actions, "rollback", handler=_cmd_rollback, help="serve an older kept generation"
+        actions,
+        "rollback",
+        handler=_cmd_rollback,
+        help="serve another kept generation (warns when it undoes a newer catalogue state)",
     )
-    rollback.add_argument("--to", type=int, dest="to_generation", help="default: previous")
+    rollback.add_argument("--to", type=positive_int, dest="to_generation", help="default: previous")
 
     prune = subcommand(
         actions,
@@ -75,8 +79,10 @@ def register(sub: Any) -> None:
         handler=_cmd_prune,
         help="delete old generations and unreferenced files",
     )
-    prune.add_argument("--keep", type=int, help="newest generations to keep")
-    prune.add_argument("--keep-days", type=float, help="also keep generations younger than this")
+    prune.add_argument("--keep", type=positive_int, help="newest generations to keep")
+    prune.add_argument(
+        "--keep-days", type=non_negative_float, help="also keep generations younger than this"
+    )
     prune.add_argument(
         "--segments", action="store_true", help="also delete segments no kept generation needs"
     )
@@ -86,16 +92,28 @@ def register(sub: Any) -> None:
         actions,
         "eval",
         handler=_cmd_eval,
+        log_level="warning",
         help="recall@k against exact search on a sample",
     )
-    evaluate.add_argument("--generation", type=int)
-    evaluate.add_argument("-k", type=int, default=10)
-    evaluate.add_argument("--queries", type=int, default=500)
-    evaluate.add_argument("--nprobe", type=int, help="override the tuned nprobe")
+    evaluate.add_argument("--generation", type=positive_int)
+    evaluate.add_argument("-k", type=positive_int, default=10)
+    evaluate.add_argument("--queries", type=positive_int, default=500)
+    evaluate.add_argument("--nprobe", type=positive_int, help="override the tuned nprobe")
 
     for parser in (build, apply, finalize, rollback, prune, evaluate):
         parser.add_argument("--json", action="store_true", help="print the result as JSON")
     status.add_argument("--json", action="store_true")
+
+
+_FORCE_OLDER = (
+    "publish even when the serving generation holds a newer run of the catalogue (exit 5) "
+    "or another catalogue (exit 6): a deliberate rollback; CMS changes are kept"
+)
+
+
+def _warn_undone(undoes: str | None) -> None:
+    if undoes:
+        print(f"imgfleet: warning: {undoes}", file=sys.stderr)
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
@@ -118,24 +136,49 @@ def _generation_summary(info: Any) -> dict[str, Any]:
     }
 
 
+def _cmd_build_explained(args: argparse.Namespace, settings: Settings) -> int:
+    """`index build`, saying "nothing to build" where no segment was ever written."""
+    from imgfleet.factories import existing_storage
+    from index.records import IndexBuildError
+    from index.segments import list_segments
+
+    try:
+        return _cmd_build(args, settings)
+    except IndexBuildError as exc:
+        storage = existing_storage(settings)
+        if storage is None or not list_segments(storage):
+            raise IndexBuildError(NOTHING_TO_BUILD) from exc
+        raise
+
+
 def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import configure_faiss_threads, make_storage, policy_from_config
+    from index.generations import build_state, check_replacement
     from index.publish import build_generation
 
+    storage = make_storage(settings)
+    run = None if args.run_id is None else read_known_run(storage, args.run_id)
+    undone = check_replacement(storage, build_state(storage, run), force=args.force)
+    undoes = undone.text if undone else None
     configure_faiss_threads(settings)
     c = settings.index
     info = build_generation(
-        make_storage(settings),
+        storage,
         c.n_shards,
         run_id=args.run_id,
         policy=policy_from_config(c),
         grace_s=c.grace_s,
         catch_up=not args.no_catch_up,
+        force=args.force,
     )
-    _print(_generation_summary(info), args.json)
+    _warn_undone(undoes)
+    _print({**_generation_summary(info), "undoes": undoes}, args.json)
     return 0
 
 
 def _cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import configure_faiss_threads, make_applier
+
     if args.watch:
         return _watch_apply(args, settings)
     configure_faiss_threads(settings)
@@ -156,6 +199,7 @@ def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
     from common.observability.health import Health
     from common.observability.metrics import default_metrics
     from common.observability.ops_http import OpsServer
+    from imgfleet.factories import configure_faiss_threads, make_applier
 
     health = Health(settings.metrics.stall_after_s)
     configure_faiss_threads(settings)
@@ -178,6 +222,7 @@ def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[int], int]:
     """(image ids of the run's dead-lettered jobs, letters whose job could not be read)."""
+    from imgfleet.factories import read_dead_letters
     from producers.ops.dead_letters import run_dead_letters
 
     dead = run_dead_letters(await read_dead_letters(settings), run_id)
@@ -185,22 +230,29 @@ async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[in
 
 
 def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import configure_faiss_threads, make_storage, policy_from_config
+    from index.generations import build_state, check_replacement
     from index.publish import build_generation
     from index.runs import (
         RunStillPublishingError,
         account_run,
         ensure_published,
-        read_run,
         write_finalization,
     )
 
     storage = make_storage(settings)
-    run = read_run(storage, args.run_id)
+    run = read_known_run(storage, args.run_id)
     try:
         ensure_published(run)  # even --force: the expected job count is not known yet
     except RunStillPublishingError as exc:
         print(f"imgfleet: {exc}", file=sys.stderr)
         return 1
+    # Before the accounting: a superseded run is refused at once (exit 5, not 1), so the
+    # nightly script stops instead of waiting hours for a run it must not publish.
+    undone = check_replacement(storage, build_state(storage, run), force=args.force)
+    undoes = undone.text if undone else None
+    import asyncio
+
     dead_ids, unreadable = asyncio.run(_dead_letters_of_run(settings, args.run_id))
     accounting = account_run(
         storage, run, dead_lettered_jobs=unreadable, dead_lettered_image_ids=dead_ids
@@ -225,20 +277,28 @@ def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
         run_id=run.run_id,
         policy=policy_from_config(c),
         grace_s=c.grace_s,
+        force=args.force,
     )
     record = write_finalization(
-        storage, accounting, forced=not accounting.complete, generation=info.generation
+        storage,
+        accounting,
+        forced=not accounting.complete,
+        generation=info.generation,
+        undoes=undoes,
     )
+    _warn_undone(undoes)
     _print({**record, "finalized": True}, args.json)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import existing_storage
     from index.generations import status
 
-    result = status(make_storage(settings))
+    storage = existing_storage(settings)  # reading creates nothing
+    result = None if storage is None else status(storage)
     if result is None:
-        print("no index generation has been published yet", file=sys.stderr)
+        print(f"imgfleet: {NO_GENERATION}", file=sys.stderr)
         return 1
     if args.json:
         print_json(result)
@@ -263,18 +323,25 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
     from index.generations import GenerationError, rollback
 
     try:
-        generation = rollback(make_storage(settings), args.to_generation)
+        result = rollback(make_storage(settings), args.to_generation)
     except GenerationError as exc:
         print(f"imgfleet: {exc}", file=sys.stderr)
         return 1
-    _print({"current_generation": generation}, args.json)
+    if result.undoes:
+        _warn_undone(
+            f"{result.undoes}. CMS changes are kept: live apply brings generation "
+            f"{result.generation} up to date with them, and with no other run's records"
+        )
+    _print(result.as_dict(), args.json)
     return 0
 
 
 def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
     from index.generations import prune
 
     c = settings.index
@@ -290,13 +357,18 @@ def _cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import configure_faiss_threads, existing_storage
     from index.evaluation import evaluate_generation
     from index.generations import GenerationError
 
+    storage = existing_storage(settings)  # reading creates nothing
+    if storage is None:
+        print(f"imgfleet: {NO_GENERATION}", file=sys.stderr)
+        return 1
     configure_faiss_threads(settings)
     try:
         result = evaluate_generation(
-            make_storage(settings),
+            storage,
             generation=args.generation,
             k=args.k,
             queries=args.queries,

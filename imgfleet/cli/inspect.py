@@ -13,17 +13,16 @@ command line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.config import Settings
 from common.errors import JobFailure
-from common.identity import content_hash
 from imgfleet.cli.output import print_json
 from imgfleet.cli.parser import subcommand
-from imgfleet.factories import make_fetcher
+
+if TYPE_CHECKING:
+    from common.config import Settings
 
 
 def register(sub: Any) -> None:
@@ -31,6 +30,7 @@ def register(sub: Any) -> None:
         sub,
         "inspect",
         handler=_cmd_inspect,
+        log_level="warning",
         help="fetch and decode images and report why each one works or fails",
     )
     inspect.add_argument("inputs", nargs="+", metavar="URL|FILE")
@@ -50,6 +50,9 @@ def input_url(target: str) -> str:
 
 def fetch_input(target: str, settings: Settings) -> bytes:
     """The bytes of one URL or file, fetched as a worker would (search by image)."""
+    import asyncio
+
+    from imgfleet.factories import make_fetcher
 
     async def fetch() -> bytes:
         async with make_fetcher(settings) as fetcher:
@@ -59,6 +62,8 @@ def fetch_input(target: str, settings: Settings) -> bytes:
 
 
 async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str, Any]]:
+    from common.identity import content_hash
+    from imgfleet.factories import make_fetcher
     from workers.decode.cpu import configure_decoder_threads, decode_image, sniff_format
 
     reports = []
@@ -128,6 +133,8 @@ async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str
 
 
 def run_inspect(inputs: list[str], settings: Settings, *, as_json: bool) -> int:
+    import asyncio
+
     reports = asyncio.run(inspect_inputs(inputs, settings))
     for r in reports:
         if as_json:

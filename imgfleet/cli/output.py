@@ -10,10 +10,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
-
 
 def print_json(obj: Any) -> None:
+    import orjson
+
     sys.stdout.write(orjson.dumps(obj).decode() + "\n")
     sys.stdout.flush()
 

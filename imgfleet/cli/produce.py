@@ -3,26 +3,25 @@
 Exit codes: 0 published (or a dry run finished); 1 the run could not finish (broker
 unreachable or refusing the credentials, storage or catalogue unreadable, a publish not
 confirmed): what was published stays published, resume with ``--resume RUN_ID``;
-2 usage (a run id that exists, nothing to resume, an unknown format, configuration);
-3 the mass-delete guard stopped the run before its deletes (resume it with
-``--allow-mass-delete`` or ``--no-deletes``); 4 the run id exists already (without
-``--resume``) or the run is published already: nothing was published.
+2 usage (nothing to resume, --run-id and --resume naming different runs, an invalid run
+id, an unknown format, configuration); 3 the mass-delete guard stopped the run before its
+deletes (resume it with ``--allow-mass-delete`` or ``--no-deletes``); 4 the run id exists
+already (without ``--resume``) or the run is published already: nothing was published.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import logging
-import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.config import Settings
 from common.errors import ExitCode
 from imgfleet.cli.output import error, print_fields, print_json
-from imgfleet.cli.parser import subcommand
+from imgfleet.cli.parser import non_negative_float, subcommand
+
+if TYPE_CHECKING:
+    from common.config import Settings
 
 
 def register(sub: Any) -> None:
@@ -47,7 +46,9 @@ def register(sub: Any) -> None:
     cat.add_argument("--rejects", help="write rejected rows (JSONL: line, reason, raw) here")
     cat.add_argument("--format", help="jsonl, csv or parquet (default: from the name)")
     cat.add_argument(
-        "--max-rate", type=float, help="jobs per second (default: producer.max_rate_per_s)"
+        "--max-rate",
+        type=non_negative_float,
+        help="jobs per second (default: producer.max_rate_per_s; 0: unlimited)",
     )
     cat.add_argument(
         "--no-deletes", action="store_true", help="publish no deletes for images that are gone"
@@ -64,10 +65,15 @@ def register(sub: Any) -> None:
 
 
 def _cmd_catalogue(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from common.observability.metrics import ProducerMetrics
 
     metrics = ProducerMetrics().with_process_collectors()
-    with _metrics_listener(settings, metrics):
+    # A dry run publishes nothing and is over in seconds: nothing to scrape, and no
+    # reason to open a port on every interface.
+    listener = contextlib.nullcontext() if args.dry_run else _metrics_listener(settings, metrics)
+    with listener:
         return asyncio.run(_produce_catalogue(args, settings, metrics))
 
 
@@ -119,6 +125,8 @@ def _client_libraries_quiet() -> Iterator[None]:
     """The client libraries log each failed connect attempt as an error of their own; the
     adapter retries and this command reports the outcome in one line, so they are muted
     while connecting."""
+    import logging
+
     loggers = [logging.getLogger(name) for name in ("aiormq", "aio_pika", "kafka")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -131,6 +139,8 @@ def _client_libraries_quiet() -> Iterator[None]:
 
 
 def _run_id(args: argparse.Namespace) -> str:
+    import uuid
+
     from index.runs import check_run_id
 
     if args.resume and args.run_id and args.resume != args.run_id:

@@ -5,16 +5,16 @@ intake HTTP endpoint): the long-running services.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import signal
 from typing import TYPE_CHECKING, Any
 
-from common.config import Settings
-from common.observability.logging import get_logger
-from imgfleet.cli.parser import subcommand
+from imgfleet.cli.parser import port, subcommand
 
 if TYPE_CHECKING:
+    import asyncio
+    import signal
+
+    from common.config import Settings
     from producers.cms.runtime import IntakeSettings
 
 
@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     http = subcommand(services, "search", handler=_cmd_search, help="HTTP search endpoint")
     http.add_argument("--host", help="default: index.serve_host")
-    http.add_argument("--port", type=int, help="default: index.serve_port")
+    http.add_argument("--port", type=port, help="default: index.serve_port")
 
     cms = subcommand(
         services,
@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
         help="CMS intake: item upserts and deletes over HTTP",
     )
     cms.add_argument("--host", help="default: cms.host")
-    cms.add_argument("--port", type=int, help="default: cms.port (0: an ephemeral port)")
+    cms.add_argument("--port", type=port, help="default: cms.port (0: an ephemeral port)")
     cms.add_argument(
         "--insecure-no-auth",
         action="store_true",
@@ -47,6 +47,8 @@ def _cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_cms(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from imgfleet.factories import intake_settings
 
     cms = settings.cms.model_copy(
@@ -62,6 +64,9 @@ def _cmd_cms(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _serve(settings: Settings, checked: IntakeSettings, host: str, port: int) -> None:
+    import asyncio
+    import signal
+
     from common.observability.metrics import IntakeMetrics
     from imgfleet.factories import make_broker, make_storage
     from producers.cms.app import Intake, serve
@@ -77,6 +82,8 @@ async def _serve(settings: Settings, checked: IntakeSettings, host: str, port: i
 
 
 def _stopper(stop: asyncio.Event, sig: signal.Signals) -> Any:
+    from common.observability.logging import get_logger
+
     def on_signal() -> None:
         get_logger("cms_intake").info("signal received", signal=sig.name)
         stop.set()

@@ -8,16 +8,16 @@ Exit codes (common.errors.ExitCode): 0 drained on SIGTERM or --until-idle, 1 unr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.config import Settings
 from common.errors import ExitCode, UnrecoverableError
-from common.observability.logging import get_logger
 from imgfleet.cli.output import print_json
 from imgfleet.cli.parser import subcommand
+
+if TYPE_CHECKING:
+    from common.config import Settings
 
 
 def register(sub: Any) -> None:
@@ -28,6 +28,9 @@ def register(sub: Any) -> None:
 
 
 def _cmd_work(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from common.observability.logging import get_logger
     from imgfleet.factories import run_worker
 
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"

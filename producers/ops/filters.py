@@ -7,15 +7,20 @@ parsed and matched in one place. A filter is fixed at the moment the command sta
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from common.brokers.base import DeadLetter
-from common.errors import ConfigError, JobFailure
-from common.schema import decode_job
+from common.errors import ConfigError, JobFailure, Reason
+
+if TYPE_CHECKING:
+    from common.brokers.base import DeadLetter
+
+# Light on purpose: the command line checks ages and reasons with this module while it
+# parses its arguments, before pydantic (common.schema) is imported.
 
 _AGE_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _AGE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -33,6 +38,21 @@ def parse_age(text: str) -> float:
     return sum(float(number) * _AGE_UNITS_S[unit] for number, unit in parts)
 
 
+def check_reason(text: str) -> str:
+    """A reason code as given, if the DLQ can hold it (``common.errors.Reason``).
+
+    Nothing is ever dead-lettered under another code, so an unknown one is a typo that
+    would match no letter (and `requeue --reason R` would quietly move nothing).
+    """
+    reason = text.strip()
+    known = [r.value for r in Reason]
+    if reason in known:
+        return reason
+    close = difflib.get_close_matches(reason, known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}?" if close else f"known reasons: {', '.join(sorted(known))}"
+    raise ConfigError(f"unknown reason {text!r} ({hint})")
+
+
 def read_item_ids(path: str | Path) -> frozenset[str]:
     """One item id per line; blank lines and ``#`` comments are skipped."""
     try:
@@ -47,6 +67,8 @@ def letter_item_id(letter: DeadLetter) -> str | None:
     """The letter's item id; from its body when the broker kept none alongside."""
     if letter.item_id is not None:
         return letter.item_id
+    from common.schema import decode_job
+
     try:
         return decode_job(letter.body).item_id
     except JobFailure:
@@ -88,7 +110,7 @@ class LetterFilter:
             )
         return cls(
             now_s=now_s,
-            reasons=frozenset(r.strip() for r in reasons if r.strip()),
+            reasons=frozenset(check_reason(r) for r in reasons if r.strip()),
             run_id=run_id or None,
             older_than_s=older,
             newer_than_s=newer,

@@ -226,6 +226,13 @@ class TorchCpuBackend:
         outs = []
         with torch.inference_mode():
             for chunk in chunks:
+                if not chunk.flags.writeable:
+                    # torch.from_numpy shares memory and warns ("The given NumPy array is
+                    # not writable ...") on a read-only array, such as one decoded image
+                    # (np.asarray of a Pillow image) that `imgfleet search --image` embeds.
+                    # The tensor is only read, but a copy is the quiet way: 150 KB per
+                    # 224x224 image, nothing beside the model's time.
+                    chunk = chunk.copy()
                 # NHWC -> NCHW as a view: the memory stays channels-last, which oneDNN
                 # convolutions run fastest on.
                 x = normalise_nchw(torch.from_numpy(chunk), self.card)

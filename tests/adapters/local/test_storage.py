@@ -81,3 +81,15 @@ def test_processes_racing_to_create_exactly_one_wins(tmp_path: Path) -> None:
     assert won.count(True) == 1
     winner = won.index(True)
     assert LocalStorage(tmp_path).get("manifest.json") == f"writer-{winner}".encode()
+
+
+def test_opening_storage_creates_nothing_until_the_first_write(tmp_path: Path) -> None:
+    root = tmp_path / "imgfleet-data" / "store"
+    storage = LocalStorage(root)
+    assert storage.list() == [] and not storage.exists("manifest.json")
+    assert storage.get_versioned("manifest.json").data is None
+    storage.delete("nothing")
+    assert not (tmp_path / "imgfleet-data").exists()  # reads and a no-op delete made nothing
+    assert storage.put_if_match("manifest.json", b"{}", None)
+    storage.put("segments/a.npz", b"x")
+    assert storage.list() == ["manifest.json", "segments/a.npz"]

@@ -43,3 +43,20 @@ def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "hunter2" not in shown and "topsecret" not in shown
     assert "amqp://guest:***@rabbit:5672/" in shown
     assert mask_url("http://host/x") == "http://host/x"
+
+
+def test_an_unknown_environment_section_is_an_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IMGFLEET_WORKR__MAX_BATCH", "64")
+    with pytest.raises(ConfigError, match=r"IMGFLEET_WORKR__MAX_BATCH.*IMGFLEET_WORKER__"):
+        load_settings()
+    monkeypatch.delenv("IMGFLEET_WORKR__MAX_BATCH")
+    monkeypatch.setenv("imgfleet_nosuch__x", "1")  # the names are case-insensitive
+    with pytest.raises(ConfigError, match=r"imgfleet_nosuch__x: no configuration section"):
+        load_settings()
+    monkeypatch.delenv("imgfleet_nosuch__x")
+    # Without the section delimiter a variable is not a setting: left alone.
+    monkeypatch.setenv("IMGFLEET_HEALTHCHECK_URL", "http://127.0.0.1:9400/healthz")
+    monkeypatch.setenv("IMGFLEET_WORKER__MAX_BATCH", "64")
+    assert load_settings().worker.max_batch == 64

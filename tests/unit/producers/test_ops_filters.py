@@ -11,6 +11,7 @@ from common.errors import ConfigError
 from common.schema import Job
 from producers.ops.filters import (
     LetterFilter,
+    check_reason,
     format_duration,
     letter_item_id,
     parse_age,
@@ -121,3 +122,13 @@ def test_item_id_comes_from_the_body_when_the_broker_kept_none() -> None:
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_reasons_are_checked_against_the_codes_the_dlq_holds() -> None:
+    assert check_reason(" http_404 ") == "http_404"
+    with pytest.raises(ConfigError, match=r"unknown reason 'http404' \(did you mean http_404\?\)"):
+        check_reason("http404")
+    with pytest.raises(ConfigError, match=r"known reasons: .*timeout"):
+        check_reason("nonsense_reason")
+    with pytest.raises(ConfigError, match="timout"):
+        LetterFilter.build(now_s=NOW_S, reasons=["timout"])
