@@ -728,9 +728,11 @@ def _print_status(s: dict[str, Any], *, watching: bool) -> None:
     sources = set()
     for r in runs:
         rate = "-" if r["rate_per_s"] is None else f"{r['rate_per_s']:.1f}"
+        # A run still publishing is not done at 0 remaining: its expected count grows, or
+        # its producer stopped (a truncated file) and the run waits for --resume.
         eta = (
             "-"
-            if r["eta_s"] is None
+            if r["eta_s"] is None or (r["remaining"] == 0 and not r["expected_final"])
             else ("done" if r["remaining"] == 0 else format_duration(r["eta_s"]))
         )
         failed, remaining = _dash(r["failed"], "?"), _dash(r["remaining"], "?")
@@ -745,6 +747,11 @@ def _print_status(s: dict[str, Any], *, watching: bool) -> None:
         if r["rate_source"]:
             sources.add((r["rate_source"], r["rate_window_s"]))
     print()
+    if any(not r["expected_final"] for r in runs):
+        print(
+            "expected+: the run is still publishing, or its producer stopped; continue a "
+            "stopped one with: imgfleet produce catalogue SOURCE --resume RUN"
+        )
     if dead is None:
         print("failed, remaining, rate and ETA need the dead letters: back with the broker")
     elif any(src == "between_samples" for src, _ in sources):

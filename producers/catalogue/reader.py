@@ -343,7 +343,9 @@ class Catalogue:
         check = self._checker.check
         render = self._rows.render
         self._started = True
+        seen = 0
         for line, row, raw, reason in self._rows.rows(self.mapping.columns()):
+            seen += 1
             item_id: str | None = None
             if row is not None:
                 result = check(line, row)
@@ -352,6 +354,11 @@ class Catalogue:
                     continue
                 reason, item_id = result
             yield RejectedRow(line, reason or "unreadable row", render(raw), item_id)
+        if not seen:
+            # An export that wrote nothing is a failed export, whatever the format: empty
+            # CSV and Parquet files already stopped the run, an empty JSONL finished as a
+            # run with 0 rows.
+            raise CatalogueFormatError(f"catalogue {self.source} has no rows (an empty export?)")
         self._finished = True
 
     def fraction_done(self) -> float | None:

@@ -252,6 +252,14 @@ def open_byte_stream(source: str | os.PathLike[str], *, s3_client: Any | None = 
     except Exception:
         buffered.close()
         raise
+    if not compressed and str(source).lower().endswith(".gz"):
+        buffered.close()
+        # A 0-byte .gz used to read as an empty plain file (0 rows, exit 0), where a
+        # truncated one stops the run: every broken gzip is an error.
+        raise CatalogueFormatError(
+            f"catalogue {source} is named .gz but is not a gzip file"
+            + (" (it is empty)" if size == 0 else "")
+        )
     stream: IO[bytes] = buffered
     if compressed:
         stream = io.BufferedReader(

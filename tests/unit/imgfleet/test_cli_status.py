@@ -71,3 +71,27 @@ def test_status_during_an_outage_shows_the_runs_and_one_unreachable_line(
     assert len(lines) == 1 and lines[0].startswith("imgfleet: broker unreachable"), proc.stderr
     assert "127.0.0.1" in lines[0] and "s3cret-pw" not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_still_publishing_is_never_done_and_says_how_to_continue(tmp_path: Path) -> None:
+    # A truncated .jsonl.gz stops the producer with the run in state publishing; every job
+    # it did publish is indexed, and status used to call that run "done".
+    storage = LocalStorage(tmp_path / "store")
+    write_run(storage, RunInfo("night-2", "c.jsonl.gz", 2, time.time() - 60, state="publishing"))
+    writer = SegmentWriter(storage, 2, "w-test")
+    for n in range(2):
+        vector = np.ones(4, dtype=np.float32)
+        writer.add(VectorRecord(n + 1, f"sku-{n}", 1, "h", "m", vector, run_id="night-2"))
+    writer.flush()
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgfleet", "status"],
+        cwd=REPO_ROOT,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (row,) = [line for line in proc.stdout.splitlines() if "night-2" in line]
+    assert "publishing" in row and "2+" in row, proc.stdout + proc.stderr
+    assert not row.rstrip().endswith("done"), row
+    assert "--resume RUN" in proc.stdout

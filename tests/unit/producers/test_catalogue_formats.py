@@ -499,3 +499,41 @@ def test_a_large_jsonl_streams_in_flat_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert items == n
     assert peak_bytes < 8 * 2**20
+
+
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("empty.jsonl", b""),
+        ("blank.jsonl", b"\n\n"),
+        ("header-only.csv", b"item_id,image_urls,version\n"),
+        ("empty.jsonl.gz", gzip.compress(b"")),
+    ],
+)
+def test_a_catalogue_without_rows_stops_the_run_whatever_its_format(
+    tmp_path: Path, name: str, data: bytes
+) -> None:
+    # An empty JSONL used to finish as a 0-row run (exit 0) where an empty CSV stopped.
+    path = tmp_path / name
+    path.write_bytes(data)
+    with (
+        pytest.raises(CatalogueFormatError, match=rf"{name} has no rows"),
+        open_catalogue(path) as catalogue,
+    ):
+        list(catalogue)
+
+
+def test_a_zero_byte_gz_is_a_broken_gzip_not_an_empty_catalogue(tmp_path: Path) -> None:
+    path = tmp_path / "cat.jsonl.gz"
+    path.write_bytes(b"")
+    with (
+        pytest.raises(
+            CatalogueFormatError,
+            match=r"cat\.jsonl\.gz is named \.gz but is not a gzip file \(it is empty\)",
+        ),
+        open_catalogue(path) as catalogue,
+    ):
+        list(catalogue)
+    path.write_bytes(b'{"item_id": "a", "image_urls": ["http://x/1.jpg"]}\n')
+    with pytest.raises(CatalogueFormatError, match=r"is named \.gz but is not a gzip file$"):
+        open_catalogue(path)
