@@ -114,6 +114,9 @@ def write_corpus(images: Path) -> dict[str, str | None]:
 
 
 def test_every_odd_image_ends_with_the_right_outcome(tmp_path: Path) -> None:
+    # RUSAGE_CHILDREN is the largest child this process ever waited for; under xdist that
+    # includes children of earlier test files, so only a new maximum is this test's.
+    children_max_rss_before_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     expected = write_corpus(tmp_path / "images")
     settings = load_settings(
         broker={
@@ -180,7 +183,11 @@ def test_every_odd_image_ends_with_the_right_outcome(tmp_path: Path) -> None:
         assert (image_id_for(name, "0") in indexed) == (reason is None), name
     assert stats.recovered == 1  # type: ignore[attr-defined]
     # Decoders never held a bomb's pixels (the largest child process stayed small).
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < CHILD_RSS_BOUND_KB
+    children_max_rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert (
+        children_max_rss_kb == children_max_rss_before_kb
+        or children_max_rss_kb < CHILD_RSS_BOUND_KB
+    )
 
     by_input = {r["input"].rsplit("/", 1)[1]: r for r in reports}
     assert by_input["truncated-mild.jpg"]["status"] == "recovered"
