@@ -507,7 +507,7 @@ def test_a_large_jsonl_streams_in_flat_memory(tmp_path: Path) -> None:
         ("empty.jsonl", b""),
         ("blank.jsonl", b"\n\n"),
         ("header-only.csv", b"item_id,image_urls,version\n"),
-        ("empty.jsonl.gz", gzip.compress(b"")),
+        ("empty.jsonl.gz", gzip.compress(b"", mtime=0)),
     ],
 )
 def test_a_catalogue_without_rows_stops_the_run_whatever_its_format(
