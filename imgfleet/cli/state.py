@@ -23,12 +23,18 @@ _RUNS_SHOWN = 8
 
 def read_known_run(storage: Storage | None, run_id: str) -> RunInfo:
     """The run's record; for an unknown id, an error that names the runs there are."""
-    from index.runs import RunNotFoundError, nightly_runs, read_run
+    from index.runs import RunNotFoundError, nightly_runs, read_run, run_key
 
+    # A run that is there is read at once: listing every run (a LIST on S3) is only for
+    # the message about one that is not.
+    try:
+        key: str | None = run_key(run_id)
+    except ValueError:
+        key = None  # not a run id at all: no such run
+    if storage is not None and key is not None and storage.exists(key):
+        return read_run(storage, run_id)
     known = sorted(nightly_runs(storage)) if storage is not None else []
-    if storage is None or run_id not in known:
-        raise RunNotFoundError(f"no run {run_id!r} ({_known(known)})")
-    return read_run(storage, run_id)
+    raise RunNotFoundError(f"no run {run_id!r} ({_known(known)})")
 
 
 def _known(runs: list[str]) -> str:

@@ -28,13 +28,20 @@ def contains_sorted(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
     return hit
 
 
+def merge_slots(a_keys: np.ndarray, b_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merging two sorted runs of distinct keys (no key in both) without sorting again:
+    the output positions of b's keys, and a mask of the positions a's keys take."""
+    slots = np.searchsorted(a_keys, b_keys) + np.arange(len(b_keys))
+    from_a = np.ones(len(a_keys) + len(b_keys), bool)
+    from_a[slots] = False
+    return slots, from_a
+
+
 def _merge(
     a_ids: np.ndarray, a_pos: np.ndarray, b_ids: np.ndarray, b_pos: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Merge two sorted runs of distinct ids (no id is in both)."""
-    slots = np.searchsorted(a_ids, b_ids) + np.arange(len(b_ids))
-    from_a = np.ones(len(a_ids) + len(b_ids), bool)
-    from_a[slots] = False
+    slots, from_a = merge_slots(a_ids, b_ids)
     ids = np.empty(len(from_a), np.int64)
     pos = np.empty(len(from_a), np.uint32)
     ids[slots], pos[slots] = b_ids, b_pos

@@ -38,7 +38,7 @@ from common.brokers.base import ProducerBroker
 from common.errors import ExitCode, OperatorError
 from common.observability.logging import get_logger
 from common.observability.metrics import ProducerMetrics
-from common.schema import Lane
+from common.schema import Job, Lane
 from common.storage.base import Storage
 from producers.catalogue.reader import RejectedRow
 from producers.catalogue.rejects import RejectsFile
@@ -338,13 +338,9 @@ class CatalogueRun:
             batch_begin, begin = begin, done
             if done <= start:
                 continue  # confirmed before the resume point
-            if capacity is not None and batches.calls_since_mark + 1 > capacity:
-                await checkpoints.write(kept_confirmed=batch_begin)
-            fresh = [job for job in jobs if job.job_id not in state.already]
-            counts.already_published += len(jobs) - len(fresh)
-            await batches.submit(fresh)
-            if checkpoints.due():
-                await checkpoints.write(kept_confirmed=done)
+            counts.already_published += await _submit_resumable(
+                state, jobs, capacity, "kept_confirmed", batch_begin, done
+            )
         await batches.drain()
         _count_kept(counts, previous, kept, jobs_total)
         self.log.info(
@@ -394,13 +390,9 @@ class CatalogueRun:
         for done, batch in delete_jobs(
             previous, gone, o.run_id, start=cp.deletes_confirmed, batch_size=o.batch_size
         ):
-            if capacity is not None and batches.calls_since_mark + 1 > capacity:
-                await checkpoints.write(deletes_confirmed=done - len(batch))
-            fresh = [job for job in batch if job.job_id not in state.already]
-            self._deletes_in_ledger += len(batch) - len(fresh)
-            await batches.submit(fresh)
-            if checkpoints.due():
-                await checkpoints.write(deletes_confirmed=done)
+            self._deletes_in_ledger += await _submit_resumable(
+                state, batch, capacity, "deletes_confirmed", done - len(batch), done
+            )
         await batches.drain()
         await checkpoints.write(
             phase=PHASE_PUBLISHED, deletes_planned=len(gone), deletes_confirmed=len(gone)
@@ -558,3 +550,22 @@ def _count_kept(
     counts.kept_images += len(kept)
     counts.kept_items += kept_item_count(previous, kept)
     counts.jobs += jobs
+
+
+async def _submit_resumable(
+    state: _RunState, jobs: list[Job], capacity: int | None, field: str, begin: int, done: int
+) -> int:
+    """One batch of a resumable phase (kept images, deletes); what the ledger already had.
+
+    The checkpoint records ``field`` = ``begin`` before a publish that would overflow the
+    broker's ledger, and ``done`` whenever a checkpoint is due, so a resume skips exactly
+    the confirmed batches.
+    """
+    checkpoints, batches = state.checkpoints, state.batches
+    if capacity is not None and batches.calls_since_mark + 1 > capacity:
+        await checkpoints.write(**{field: begin})
+    fresh = [job for job in jobs if job.job_id not in state.already]
+    await batches.submit(fresh)
+    if checkpoints.due():
+        await checkpoints.write(**{field: done})
+    return len(jobs) - len(fresh)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from producers.nightly.image_set import contains_sorted
+from producers.nightly.image_set import contains_sorted, merge_slots
 
 _BUFFER_ROWS = 1 << 16  # rows gathered before they are sorted into a run
 _COLUMNS = ("keys", "versions", "lines", "contents", "repeated")
@@ -122,10 +122,8 @@ def _merge(a: _Table, b: _Table) -> _Table:
     ia = at[ib]
     new = np.flatnonzero(~both)
     del at, both
-    n = len(a) + len(new)
-    slots = np.searchsorted(a.keys, b.keys[new]) + np.arange(len(new))
-    from_a = np.ones(n, bool)
-    from_a[slots] = False
+    slots, from_a = merge_slots(a.keys, b.keys[new])
+    n = len(from_a)
     columns = []
     for column in _COLUMNS:
         a_col, b_col = getattr(a, column), getattr(b, column)

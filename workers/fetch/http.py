@@ -290,8 +290,8 @@ class HttpFetcher:
         for hop in range(self.max_redirects + 1):
             where = redact_url(current)
             self.policy.check_literal_host(urllib.parse.urlsplit(current).hostname, where)
-            origin = origin_of(current)
-            self._raise_if_held(origin, where)
+            if self.holds:  # almost always empty: no per-request parse for it
+                self._raise_if_held(origin_of(current), where)
             # The exception chain is dropped (`from None`) because aiohttp's exceptions
             # may carry the URL with its credentials, and tracebacks get logged.
             try:
@@ -315,7 +315,7 @@ class HttpFetcher:
                         resp.status, resp.headers.get("Retry-After"), self.retry_after_max_s
                     )
                     if wait_s is not None:
-                        self.holds.hold(origin, wait_s, resp.status)
+                        self.holds.hold(origin_of(current), wait_s, resp.status)
                     failure = error_for_status(resp.status, current, retry_after_s=wait_s)
                     if failure is not None:
                         raise failure

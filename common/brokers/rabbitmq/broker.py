@@ -202,10 +202,7 @@ class RabbitMQBroker:
         was_up, self._link_up = self._link_up, False
         if self._closing or not was_up:
             return  # each failed reconnect attempt closes again; the library logs those
-        try:
-            self.log.warning("connection lost; reconnecting", unsettled_jobs=len(self._held))
-        except Exception:
-            self.log.error("connection-lost handler failed", exc_info=True)
+        self.log.warning("connection lost; reconnecting", unsettled_jobs=len(self._held))
 
     def _on_reconnect(self, *_: Any) -> None:
         # Called once every channel, consumers included, is restored: the link is up.
