@@ -90,6 +90,23 @@ class KafkaConfig(_Section):
         return self
 
 
+class LocalBrokerConfig(_Section):
+    """``[broker.local]``: the embedded SQLite broker (``broker.kind = "local"``)."""
+
+    path: Path = Path("imgfleet-data/queue.sqlite3")
+    visibility_timeout_s: float = Field(default=120.0, gt=0)  # an unsettled lease returns
+    poll_interval_s: float = Field(default=0.2, gt=0)  # an idle consumer looks this often
+
+
+# Keys of [broker.local] that earlier versions had flat in [broker]; still read there
+# (file and IMGFLEET_BROKER__LOCAL_PATH alike), so existing configs keep working.
+_MOVED_TO_BROKER_LOCAL = {
+    "local_path": "path",
+    "visibility_timeout_s": "visibility_timeout_s",
+    "poll_interval_s": "poll_interval_s",
+}
+
+
 class BrokerConfig(_Section):
     kind: Literal["local", "rabbitmq", "kafka"] = "local"
     # amqp(s)://host/vhost or kafka bootstrap "host:port,host:port"; may carry credentials,
@@ -103,8 +120,7 @@ class BrokerConfig(_Section):
     tls_key_file: str = ""
     rabbitmq: RabbitMQConfig = RabbitMQConfig()
     kafka: KafkaConfig = KafkaConfig()
-    local_path: Path = Path("imgfleet-data/queue.sqlite3")
-    visibility_timeout_s: float = Field(default=120.0, gt=0)
+    local: LocalBrokerConfig = LocalBrokerConfig()
     # Transient failures retry with backoff doubling from retry_base_s, each wait drawn
     # from [half, all] of its ceiling (workers.ack_policy). 8 attempts: one job's retries
     # span 63.5-127 s (median 95 s over 10^5 draws), so an origin restart or CDN failover
@@ -120,7 +136,39 @@ class BrokerConfig(_Section):
     # delay queues up to this long.
     retry_after_max_s: float = Field(default=120.0, ge=0)
     prefetch: int = Field(default=0, ge=0)  # jobs in flight per worker; 0: the pipeline's capacity
-    poll_interval_s: float = Field(default=0.2, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_local_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not any(k in data for k in _MOVED_TO_BROKER_LOCAL):
+            return data
+        data = dict(data)
+        local = data.get("local", {})
+        if isinstance(local, LocalBrokerConfig):
+            local = local.model_dump(exclude_unset=True)
+        if not isinstance(local, Mapping):
+            return data  # the section's own validation names the wrong type
+        local = dict(local)
+        for old, new in _MOVED_TO_BROKER_LOCAL.items():
+            if old in data:
+                if new in local:
+                    raise ValueError(
+                        f"broker.{old} and broker.local.{new} are both set: keep broker.local.{new}"
+                    )
+                local[new] = data.pop(old)
+        data["local"] = local
+        return data
+
+
+class S3Config(_Section):
+    """``[s3]``: the endpoint and credentials every S3 user shares: the index storage,
+    s3:// catalogues, s3:// image URLs and s3:// models. ``[storage]``, ``[worker]`` and
+    ``[model]`` override any of them with their own ``s3_*`` keys (empty: these)."""
+
+    endpoint_url: str = ""  # empty: AWS; MinIO: http://host:9000
+    region: str = ""  # empty: boto3's (environment, profile); storage falls back to us-east-1
+    access_key_id: SecretStr = SecretStr("")  # empty: boto3's own credential chain
+    secret_access_key: SecretStr = SecretStr("")
 
 
 class StorageConfig(_Section):
@@ -131,7 +179,7 @@ class StorageConfig(_Section):
     s3_endpoint_url: str = ""
     s3_access_key_id: SecretStr = SecretStr("")
     s3_secret_access_key: SecretStr = SecretStr("")
-    s3_region: str = "us-east-1"
+    s3_region: str = ""  # empty: s3.region, else us-east-1
     s3_max_attempts: int = Field(default=5, ge=1)  # botocore retries (standard mode)
     s3_timeout_s: float = Field(default=60.0, gt=0)
     # The manifest is written with If-Match / If-None-Match. An endpoint that ignores
@@ -152,9 +200,10 @@ class WorkerConfig(_Section):
     # listed here (IPs or CIDR networks, e.g. ["10.20.0.0/16"]).
     fetch_allow_networks: list[str] = Field(default_factory=list)
     allow_file_urls: bool = True  # file:// for local runs; switch off in production
-    s3_endpoint_url: str = ""  # for s3:// image URLs; empty: AWS; MinIO: http://host:9000
+    # s3:// image URLs; each empty: [s3]'s (empty there too: AWS, boto3's credential chain)
+    s3_endpoint_url: str = ""
     s3_region: str = ""
-    s3_access_key_id: SecretStr = SecretStr("")  # empty: boto3's own credential chain
+    s3_access_key_id: SecretStr = SecretStr("")
     s3_secret_access_key: SecretStr = SecretStr("")
     skip_unchanged: bool = True  # conditional requests / equal hashes reuse stored vectors
     decode_processes: int = Field(default=0, ge=0)  # 0: one per core
@@ -190,7 +239,7 @@ class ModelConfig(_Section):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     engine_cache_dir: Path = Path("imgfleet-data/engines")  # TensorRT engines, ONNX exports
     download_dir: Path = Path("imgfleet-data/models")  # s3:// models are cached here
-    s3_endpoint_url: str = ""  # for s3:// model paths; credentials from boto3's chain
+    s3_endpoint_url: str = ""  # for s3:// model paths; empty: [s3]'s, credentials too
     s3_region: str = ""
     instances: int = Field(default=1, ge=1, le=16)  # engine instances per GPU
     in_flight: int = Field(default=2, ge=1, le=16)  # chunks queued per GPU instance
@@ -299,6 +348,7 @@ class Settings(BaseSettings):
     )
 
     broker: BrokerConfig = BrokerConfig()
+    s3: S3Config = S3Config()
     storage: StorageConfig = StorageConfig()
     worker: WorkerConfig = WorkerConfig()
     model: ModelConfig = ModelConfig()

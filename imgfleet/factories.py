@@ -16,28 +16,32 @@ import ipaddress
 import os
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.brokers.base import Broker, DeadLetter
 from common.brokers.local.broker import LocalBroker
-from common.config import CmsConfig, IndexConfig, ProducerConfig, Settings
+from common.config import BrokerConfig, CmsConfig, IndexConfig, ProducerConfig, Settings
 from common.errors import ConfigError
 from common.observability.logging import get_logger
 from common.storage.base import Storage
 from common.storage.local import LocalStorage
+from common.storage.s3_client import S3Endpoint
 from workers.decode.limits import IN_FLIGHT_PER_PROCESS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import numpy as np
+    from pydantic import SecretStr
 
+    from common.brokers.kafka.broker import KafkaBroker
     from common.observability.health import Health
+    from common.observability.ops_http import OpsListen
     from common.schema import Lane
     from index.apply import Applier
     from index.params import IndexPolicy
     from index.segments import SegmentWriter
-    from producers.catalogue.reader import Catalogue
+    from producers.catalogue.reader import Catalogue, ColumnMapping
     from producers.cms.runtime import IntakeSettings
     from producers.nightly.run import RunOptions
     from workers.decode.pool import DecodePool
@@ -77,20 +81,35 @@ def make_broker(settings: Settings) -> Broker:
     b = settings.broker
     if b.kind == "local":
         return LocalBroker(
-            b.local_path,
+            b.local.path,
             prefetch=broker_prefetch(settings),
-            visibility_timeout_s=b.visibility_timeout_s,
-            poll_interval_s=b.poll_interval_s,
+            visibility_timeout_s=b.local.visibility_timeout_s,
+            poll_interval_s=b.local.poll_interval_s,
         )
     if b.kind == "rabbitmq":
         from common.brokers.rabbitmq.broker import RabbitMQBroker
 
-        return RabbitMQBroker.from_config(b, prefetch=broker_prefetch(settings))
+        return RabbitMQBroker(b, prefetch=broker_prefetch(settings))
     if b.kind == "kafka":
-        from common.brokers.kafka.broker import KafkaBroker
-
-        return KafkaBroker.from_config(b, prefetch=broker_prefetch(settings))
+        return kafka_broker(b, prefetch=broker_prefetch(settings))
     raise ConfigError(f"unknown broker.kind={b.kind!r}")
+
+
+def kafka_broker(config: BrokerConfig, *, prefetch: int | None = None) -> KafkaBroker:
+    """The Kafka adapter ``[broker]`` and ``[broker.kafka]`` describe; ``prefetch``: the
+    bulk+retry window in jobs, as the other brokers get it (the pipeline's capacity);
+    without it ``broker.prefetch``, which must then be set."""
+    from common.brokers.kafka.broker import KafkaBroker
+    from common.brokers.kafka.client import client_settings
+    from common.brokers.kafka.topics import KafkaTopics
+
+    k = config.kafka
+    return KafkaBroker(
+        client_settings(config),
+        KafkaTopics.build(config.name_prefix, k.retry_delays_s),
+        k,
+        prefetch=config.prefetch if prefetch is None else prefetch,
+    )
 
 
 async def read_dead_letters(settings: Settings, limit: int = 10**9) -> list[DeadLetter]:
@@ -110,8 +129,64 @@ def make_storage(settings: Settings) -> Storage:
     if s.kind == "s3":
         from common.storage.s3 import S3Storage
 
-        return S3Storage.from_config(s)
+        return S3Storage(
+            s.s3_bucket,
+            prefix=s.s3_prefix,
+            endpoint_url=s3_endpoint(settings, s.s3_endpoint_url)["endpoint_url"] or None,
+            conditional_writes=s.s3_conditional_writes,
+            client=storage_s3_client(settings),
+        )
     raise ConfigError(f"unknown storage.kind={s.kind!r}")
+
+
+# -- S3: one shared [s3] endpoint, each use's own s3_* keys over it ---------------------
+
+# botocore's region when neither [storage] nor [s3] names one: the index storage has always
+# pinned one, so a region in the environment (AWS_REGION) does not move the index.
+STORAGE_DEFAULT_REGION = "us-east-1"
+
+
+def s3_endpoint(
+    settings: Settings,
+    endpoint_url: str = "",
+    region: str = "",
+    access_key_id: SecretStr | None = None,
+    secret_access_key: SecretStr | None = None,
+) -> S3Endpoint:
+    """One use's endpoint, region and credentials: its own where set, else ``[s3]``'s.
+
+    The key pair is taken whole from one place, never an id from one and a secret from
+    the other. Empty values keep boto3's defaults (AWS, its credential chain)."""
+    shared = settings.s3
+    own_key = access_key_id.get_secret_value() if access_key_id is not None else ""
+    key_id, secret = (
+        (own_key, secret_access_key.get_secret_value() if secret_access_key is not None else "")
+        if own_key
+        else (shared.access_key_id.get_secret_value(), shared.secret_access_key.get_secret_value())
+    )
+    return S3Endpoint(
+        endpoint_url=endpoint_url or shared.endpoint_url,
+        region=region or shared.region,
+        access_key_id=key_id,
+        secret_access_key=secret,
+    )
+
+
+def storage_s3_client(settings: Settings) -> Any:
+    """The S3 client of the index storage and of s3:// catalogues, which share it."""
+    from common.storage.s3_client import make_s3_client
+
+    s = settings.storage
+    where = s3_endpoint(
+        settings, s.s3_endpoint_url, s.s3_region, s.s3_access_key_id, s.s3_secret_access_key
+    )
+    where["region"] = where["region"] or STORAGE_DEFAULT_REGION
+    return make_s3_client(
+        **where,
+        connect_timeout_s=s.s3_timeout_s,
+        read_timeout_s=s.s3_timeout_s,
+        max_attempts=s.s3_max_attempts,
+    )
 
 
 # Read-only commands (status, dlq, search, index status) must leave no state behind:
@@ -134,7 +209,7 @@ def missing_local_queue(settings: Settings) -> Path | None:
     reports it as the configuration error it is.
     """
     b = settings.broker
-    path = b.local_path
+    path = b.local.path
     if b.kind != "local" or path.exists():
         return None
     if any(parent.exists() and not parent.is_dir() for parent in path.parents):
@@ -213,10 +288,7 @@ def make_embedder(settings: Settings) -> ModelEmbedder:
     m = settings.model
     device = embed_device(settings)
     path = resolve_model_path(
-        m.path,
-        cache_dir=m.download_dir,
-        s3_endpoint_url=m.s3_endpoint_url,
-        s3_region=m.s3_region,
+        m.path, cache_dir=m.download_dir, s3=s3_endpoint(settings, m.s3_endpoint_url, m.s3_region)
     )
     loaded = load_model(path)
     if loaded.card.input_size != INPUT_SIZE:
@@ -264,10 +336,9 @@ def make_fetcher(settings: Settings) -> UrlFetcher:
 
     w = settings.worker
     s3 = S3Fetcher(
-        endpoint_url=w.s3_endpoint_url,
-        region=w.s3_region,
-        access_key_id=w.s3_access_key_id.get_secret_value(),
-        secret_access_key=w.s3_secret_access_key.get_secret_value(),
+        **s3_endpoint(
+            settings, w.s3_endpoint_url, w.s3_region, w.s3_access_key_id, w.s3_secret_access_key
+        ),
         connect_timeout_s=w.connect_timeout_s,
         read_timeout_s=w.read_timeout_s,
         max_bytes=w.max_download_bytes,
@@ -364,6 +435,14 @@ class SettingsWorkerParts:
         return make_decoder(self.settings, pool)
 
 
+def ops_listen(settings: Settings) -> OpsListen | None:
+    """Where a process serves /metrics, /healthz and /readyz; None: metrics disabled."""
+    from common.observability.ops_http import OpsListen
+
+    m = settings.metrics
+    return OpsListen(m.host, m.port, m.port_file or None) if m.enabled else None
+
+
 def make_worker_runtime(
     settings: Settings,
     *,
@@ -378,7 +457,7 @@ def make_worker_runtime(
     when ``metrics.enabled``. A given ``embedder`` is used instead of loading the model.
     """
     from common.observability.metrics import default_metrics
-    from workers.runtime import OpsListen, RuntimeSettings, WorkerRuntime
+    from workers.runtime import RuntimeSettings, WorkerRuntime
 
     m = settings.metrics
     runtime_settings = RuntimeSettings(
@@ -387,7 +466,7 @@ def make_worker_runtime(
         broker_give_up_s=settings.worker.broker_give_up_s,
         stall_after_s=m.stall_after_s,
         queue_poll_interval_s=m.queue_poll_interval_s,
-        ops=OpsListen(m.host, m.port, m.port_file or None) if serve_ops else None,
+        ops=ops_listen(settings) if serve_ops else None,
     )
     return WorkerRuntime(
         make_broker(settings),
@@ -497,14 +576,27 @@ def run_options(
 def open_catalogue(settings: Settings, source: str, *, format: str | None) -> Catalogue:
     """The catalogue at ``source`` (a path or s3://), read with ``[producer]``'s column
     mapping; an s3:// source with ``[storage]``'s S3 client settings."""
-    from common.storage.s3_client import s3_client_from_config
-    from producers.catalogue.reader import ColumnMapping
     from producers.catalogue.reader import open_catalogue as open_source
     from producers.catalogue.sources import is_s3_url
 
-    s3_client = s3_client_from_config(settings.storage) if is_s3_url(source) else None
-    mapping = ColumnMapping.from_config(settings.producer)
-    return open_source(source, mapping, s3_client=s3_client, format=format)
+    s3_client = storage_s3_client(settings) if is_s3_url(source) else None
+    return open_source(
+        source, column_mapping(settings.producer), s3_client=s3_client, format=format
+    )
+
+
+def column_mapping(config: ProducerConfig) -> ColumnMapping:
+    """``[producer]``'s columns: which hold the item id, the image URLs, version and ETag."""
+    from producers.catalogue.reader import ColumnMapping
+
+    return ColumnMapping(
+        item_id=config.item_id_column,
+        image_urls=tuple(config.image_url_columns),
+        version=config.version_column,
+        etag=config.etag_column,
+        url_separator=config.url_separator,
+        max_images_per_item=config.max_images_per_item,
+    )
 
 
 # -- the CMS intake -----------------------------------------------------------------------

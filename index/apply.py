@@ -37,7 +37,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -96,20 +96,7 @@ class ApplyReport:
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "generation": self.generation,
-            "segments": self.segments,
-            "upserts": self.upserts,
-            "deletes": self.deletes,
-            "stale": self.stale,
-            "other_run": self.other_run,
-            "other_runs": self.other_runs,
-            "other_model": self.other_model,
-            "shards": self.shards,
-            "compacted": self.compacted,
-            "retrained": self.retrained,
-            "seconds": round(self.seconds, 3),
-        }
+        return asdict(self) | {"seconds": round(self.seconds, 3)}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from common.errors import ExitCode, OperatorError
@@ -208,13 +208,7 @@ class PruneReport:
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "dropped_generations": self.dropped_generations,
-            "kept_generations": self.kept_generations,
-            "deleted_files": self.deleted_files,
-            "deleted_segments": self.deleted_segments,
-            "dry_run": self.dry_run,
-        }
+        return asdict(self)
 
 
 def _kept(manifest: Manifest, keep_generations: int, keep_days: float, now_s: float) -> set[int]:

@@ -21,26 +21,32 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from common.config import IndexConfig
+
+# The configurable knobs take [index]'s defaults, so a policy built in a test or a
+# benchmark follows the config when a default changes; the rest are tuning constants.
+_INDEX = IndexConfig()
+
 METRIC = "inner_product"
 ID_BYTES = 8  # each IVF entry stores its int64 id next to its code
 
 
 @dataclass(frozen=True)
 class IndexPolicy:
-    flat_max_vectors: int = 50_000
-    memory_budget_bytes: int = 4 * 2**30  # per shard, for codes + ids
-    list_size: int = 256
+    flat_max_vectors: int = _INDEX.flat_max_vectors
+    memory_budget_bytes: int = _INDEX.memory_budget_mb * 2**20  # per shard, codes + ids
+    list_size: int = _INDEX.list_size
     min_lists: int = 64
     max_lists: int = 65_536
     train_per_list: int = 64
-    max_train_vectors: int = 262_144
+    max_train_vectors: int = _INDEX.max_train_vectors
     kmeans_iterations: int = 20
-    recall_target: float = 0.97
-    eval_queries: int = 500
+    recall_target: float = _INDEX.recall_target
+    eval_queries: int = _INDEX.eval_queries
     max_nprobe_fraction: float = 0.25  # never probe more than this share of the lists
-    nprobe: int = 0  # 0: tune to recall_target; otherwise fixed
+    nprobe: int = _INDEX.nprobe  # 0: tune to recall_target; otherwise fixed
     seed: int = 1234
-    use_gpu: bool = True  # train on the GPU when faiss-gpu sees one
+    use_gpu: bool = _INDEX.use_gpu  # train on the GPU when faiss-gpu sees one
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

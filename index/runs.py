@@ -188,17 +188,12 @@ class RunAccounting:
         return self.missing_jobs == 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "expected_jobs": self.expected_jobs,
-            "indexed_jobs": self.indexed_jobs,
-            "dead_lettered_jobs": self.dead_lettered_jobs,
+        counted = {
             "accounted_jobs": self.accounted_jobs,
             "missing_jobs": self.missing_jobs,
             "complete": self.complete,
-            "segments_scanned": self.segments_scanned,
-            "segments_with_run": len(self.segments_with_run),
         }
+        return asdict(self) | counted | {"segments_with_run": len(self.segments_with_run)}
 
 
 def account_run(

@@ -37,7 +37,7 @@ from common.errors import ConfigError, JobFailure, UnrecoverableError
 from common.observability.health import Health
 from common.observability.logging import bind_process, get_logger, unbind_process
 from common.observability.metrics import Metrics, poll_queue_stats
-from common.observability.ops_http import OpsServer
+from common.observability.ops_http import OpsListen, serving_ops
 from common.retry import retry_until
 from workers.decode.types import Decoder
 from workers.embed.types import Embedder
@@ -84,13 +84,6 @@ class WorkerParts(Protocol):
     def decoder(self, pool: DecodePool) -> Decoder:
         """What the pipeline decodes with: the pool, or a route in front of it."""
         ...
-
-
-@dataclass(frozen=True)
-class OpsListen:
-    host: str
-    port: int
-    port_file: str | None
 
 
 @dataclass(frozen=True)
@@ -144,26 +137,19 @@ class WorkerRuntime:
         health.on_readiness_change(lambda ready: metrics.worker_ready.set(int(ready)))
         health.set_ready("model", False)
         health.set_ready("broker", False)
-        ops: OpsServer | None = None
-        if s.ops is not None:
-            ops = OpsServer(
-                metrics, health, host=s.ops.host, port=s.ops.port, port_file=s.ops.port_file
-            )
-            ops.start()
-        beat_s = min(1.0, s.stall_after_s / 4)
-        self._start(health.beat_event_loop(beat_s, on_lag=metrics.event_loop_lag.set))
-        try:
-            return await self._connect_and_work(until_idle, progress_total)
-        finally:
-            for task in self._background:
-                task.cancel()
-            await asyncio.gather(*self._background, return_exceptions=True)
-            self._background.clear()
-            health.set_ready("broker", False)
-            metrics.broker_connected.set(0)
-            if ops is not None:
-                ops.stop()
-            unbind_process("worker_id")
+        with serving_ops(metrics, health, s.ops, process="worker"):
+            beat_s = min(1.0, s.stall_after_s / 4)
+            self._start(health.beat_event_loop(beat_s, on_lag=metrics.event_loop_lag.set))
+            try:
+                return await self._connect_and_work(until_idle, progress_total)
+            finally:
+                for task in self._background:
+                    task.cancel()
+                await asyncio.gather(*self._background, return_exceptions=True)
+                self._background.clear()
+                health.set_ready("broker", False)
+                metrics.broker_connected.set(0)
+                unbind_process("worker_id")
 
     def _start(self, coroutine: Coroutine[Any, Any, None]) -> None:
         self._background.append(asyncio.create_task(coroutine))

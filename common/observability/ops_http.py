@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -152,6 +155,57 @@ class OpsServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class OpsListen:
+    """Where a process serves its ops listener (``metrics.host``, ``metrics.port``...)."""
+
+    host: str
+    port: int
+    port_file: str | None
+
+
+@contextmanager
+def serving_ops(
+    metrics: MetricGroup,
+    health: Health,
+    listen: OpsListen | None,
+    *,
+    process: str,
+    optional: bool = False,
+) -> Iterator[OpsServer | None]:
+    """Every long-running process serves ``/metrics``, ``/healthz`` and ``/readyz`` this
+    way, for as long as the block runs; ``listen`` None (metrics disabled) serves nothing.
+
+    A taken port is a ``ConfigError``, except where ``optional``: a nightly run is a batch
+    job, so a taken port costs it its metrics (logged), not the run.
+    """
+    if listen is None:
+        yield None
+        return
+    ops = OpsServer(
+        metrics,
+        health,
+        host=listen.host,
+        port=listen.port,
+        port_file=listen.port_file,
+        process=process,
+    )
+    try:
+        ops.start()
+    except ConfigError as exc:
+        if not optional:
+            raise
+        get_logger("ops_http").warning(
+            "metrics listener not started", process=process, error=str(exc)
+        )
+        yield None
+        return
+    try:
+        yield ops
+    finally:
+        ops.stop()
 
 
 def write_port_file(path: Path, port: int) -> None:

@@ -25,11 +25,10 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.config import StorageConfig
 from common.errors import ConfigError, PermanentError, Reason, TransientError
 from common.storage.base import ObjectNotFoundError, Versioned, check_key
 from common.storage.cas import compare_then_put
-from common.storage.s3_client import make_s3_client, s3_client_from_config
+from common.storage.s3_client import make_s3_client
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _MULTIPART_ABOVE_BYTES = 64 * 2**20
@@ -79,16 +78,6 @@ class S3Storage:
             connect_timeout_s=timeout_s,
             read_timeout_s=timeout_s,
             max_attempts=max_attempts,
-        )
-
-    @classmethod
-    def from_config(cls, config: StorageConfig) -> S3Storage:
-        return cls(
-            config.s3_bucket,
-            prefix=config.s3_prefix,
-            endpoint_url=config.s3_endpoint_url or None,
-            conditional_writes=config.s3_conditional_writes,
-            client=s3_client_from_config(config),
         )
 
     def __repr__(self) -> str:

@@ -1,7 +1,8 @@
 """The one boto3 S3 client factory, for every S3 user: storage, s3:// images, models, catalogues.
 
-Three config sections describe S3 clients (``[storage]``, ``[worker]``, ``[model]``); each
-caller passes its section's values here. A parameter left empty (or None) keeps botocore's
+``[s3]`` holds the endpoint and credentials they share and ``[storage]``, ``[worker]`` and
+``[model]`` override them per use; ``imgfleet.factories`` resolves which values a use gets
+and passes them here. A parameter left empty (or None) keeps botocore's
 own default: credentials from its chain (environment, profile, instance role), region
 from the environment or profile, its default timeouts, retries and pool size.
 
@@ -15,9 +16,16 @@ imported on the first call, so a process that never reaches S3 never loads it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
-from common.config import StorageConfig
+
+class S3Endpoint(TypedDict):
+    """Where one use of S3 goes and as whom (empty: boto3's default)."""
+
+    endpoint_url: str
+    region: str
+    access_key_id: str
+    secret_access_key: str
 
 
 def make_s3_client(
@@ -51,20 +59,4 @@ def make_s3_client(
         aws_access_key_id=access_key_id or None,
         aws_secret_access_key=secret_access_key or None,
         config=Config(**options),
-    )
-
-
-def s3_client_from_config(config: StorageConfig) -> Any:
-    """The client ``[storage]`` describes: endpoint, credentials, retries, timeouts.
-
-    Used for the index storage and for s3:// catalogues, which share its credentials.
-    """
-    return make_s3_client(
-        endpoint_url=config.s3_endpoint_url,
-        region=config.s3_region,
-        access_key_id=config.s3_access_key_id.get_secret_value(),
-        secret_access_key=config.s3_secret_access_key.get_secret_value(),
-        connect_timeout_s=config.s3_timeout_s,
-        read_timeout_s=config.s3_timeout_s,
-        max_attempts=config.s3_max_attempts,
     )

@@ -60,6 +60,15 @@ def log_level(args: argparse.Namespace, settings: Settings) -> str:
     return getattr(args, "default_log_level", None) or settings.logging.level
 
 
+def _said(exc: ImgfleetError) -> str:
+    """A command's error in one line; exit codes: ``OperatorError.exit_code``, else 1."""
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {exc}"
+    if isinstance(exc, JobFailure):
+        return exc.message  # what happened; the reason code is the DLQ's vocabulary
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from common.config import load_settings
@@ -76,19 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args, settings) or 0)
-    except ConfigError as exc:
-        print(f"imgfleet: configuration error: {exc}", file=sys.stderr)
-        return int(ExitCode.CONFIG)
-    except JobFailure as exc:
-        # The message says what happened; the reason code is the DLQ's vocabulary.
-        print(f"imgfleet: {exc.message}", file=sys.stderr)
-        return int(ExitCode.FAILED)
-    except OperatorError as exc:
-        print(f"imgfleet: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
     except ImgfleetError as exc:
-        print(f"imgfleet: {exc}", file=sys.stderr)
-        return int(ExitCode.FAILED)
+        print(f"imgfleet: {_said(exc)}", file=sys.stderr)
+        return int(exc.exit_code if isinstance(exc, OperatorError) else ExitCode.FAILED)
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)
     except ValueError as exc:

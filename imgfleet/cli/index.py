@@ -16,6 +16,8 @@ from imgfleet.cli.state import NO_GENERATION, NOTHING_TO_BUILD, read_known_run
 
 if TYPE_CHECKING:
     from common.config import Settings
+    from common.storage.base import Storage
+    from index.manifest import GenerationInfo
 
 
 def register(sub: Any) -> None:
@@ -151,25 +153,36 @@ def _cmd_build_explained(args: argparse.Namespace, settings: Settings) -> int:
         raise
 
 
-def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import configure_faiss_threads, make_storage, policy_from_config
-    from index.generations import build_state, check_replacement
+def _build(
+    storage: Storage, settings: Settings, *, run_id: str | None, force: bool, catch_up: bool = True
+) -> GenerationInfo:
+    """Build and publish a generation with ``[index]``'s shards, policy and grace."""
+    from imgfleet.factories import configure_faiss_threads, policy_from_config
     from index.publish import build_generation
+
+    configure_faiss_threads(settings)
+    c = settings.index
+    return build_generation(
+        storage,
+        c.n_shards,
+        run_id=run_id,
+        policy=policy_from_config(c),
+        grace_s=c.grace_s,
+        catch_up=catch_up,
+        force=force,
+    )
+
+
+def _cmd_build(args: argparse.Namespace, settings: Settings) -> int:
+    from imgfleet.factories import make_storage
+    from index.generations import build_state, check_replacement
 
     storage = make_storage(settings)
     run = None if args.run_id is None else read_known_run(storage, args.run_id)
     undone = check_replacement(storage, build_state(storage, run), force=args.force)
     undoes = undone.text if undone else None
-    configure_faiss_threads(settings)
-    c = settings.index
-    info = build_generation(
-        storage,
-        c.n_shards,
-        run_id=args.run_id,
-        policy=policy_from_config(c),
-        grace_s=c.grace_s,
-        catch_up=not args.no_catch_up,
-        force=args.force,
+    info = _build(
+        storage, settings, run_id=args.run_id, force=args.force, catch_up=not args.no_catch_up
     )
     _warn_undone(undoes)
     _print({**_generation_summary(info), "undoes": undoes}, args.json)
@@ -192,30 +205,20 @@ def _watch_apply(args: argparse.Namespace, settings: Settings) -> int:
     /healthz answers while the process runs (a retrain may legitimately take long, so no
     stall check); /readyz is 200 once a cycle succeeded and until one fails.
     """
-    import contextlib
     import signal
     import threading
 
     from common.observability.health import Health
     from common.observability.metrics import default_metrics
-    from common.observability.ops_http import OpsServer
-    from imgfleet.factories import configure_faiss_threads, make_applier
+    from common.observability.ops_http import serving_ops
+    from imgfleet.factories import configure_faiss_threads, make_applier, ops_listen
 
     health = Health(settings.metrics.stall_after_s)
     configure_faiss_threads(settings)
     applier = make_applier(settings, health=health)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    m = settings.metrics
-    ops = OpsServer(
-        default_metrics(),
-        health,
-        host=m.host,
-        port=m.port,
-        port_file=m.port_file or None,
-        process="index-apply",
-    )
-    with ops if m.enabled else contextlib.nullcontext():
+    with serving_ops(default_metrics(), health, ops_listen(settings), process="index-apply"):
         applier.watch(args.interval_s or settings.index.apply_interval_s, stop)
     return 0
 
@@ -230,9 +233,8 @@ async def _dead_letters_of_run(settings: Settings, run_id: str) -> tuple[list[in
 
 
 def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
-    from imgfleet.factories import configure_faiss_threads, make_storage, policy_from_config
+    from imgfleet.factories import make_storage
     from index.generations import build_state, check_replacement
-    from index.publish import build_generation
     from index.runs import (
         RunStillPublishingError,
         account_run,
@@ -269,16 +271,7 @@ def _cmd_finalize(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
         return 1
-    configure_faiss_threads(settings)
-    c = settings.index
-    info = build_generation(
-        storage,
-        c.n_shards,
-        run_id=run.run_id,
-        policy=policy_from_config(c),
-        grace_s=c.grace_s,
-        force=args.force,
-    )
+    info = _build(storage, settings, run_id=run.run_id, force=args.force)
     record = write_finalization(
         storage,
         accounting,

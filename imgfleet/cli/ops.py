@@ -473,7 +473,7 @@ async def _move(args: argparse.Namespace, settings: Settings, flt: LetterFilter)
 
 def _no_queue_yet(settings: Settings) -> str:
     return (
-        f"nothing yet: there is no local queue at {settings.broker.local_path} "
+        f"nothing yet: there is no local queue at {settings.broker.local.path} "
         "(a producer or `imgfleet demo` creates it)"
     )
 

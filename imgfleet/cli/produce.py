@@ -22,6 +22,7 @@ from imgfleet.cli.parser import non_negative_float, subcommand
 
 if TYPE_CHECKING:
     from common.config import Settings
+    from common.observability.health import Health
 
 
 def register(sub: Any) -> None:
@@ -67,52 +68,18 @@ def register(sub: Any) -> None:
 def _cmd_catalogue(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
+    from common.observability.health import Health
     from common.observability.metrics import ProducerMetrics
+    from common.observability.ops_http import serving_ops
+    from imgfleet.factories import ops_listen
 
     metrics = ProducerMetrics().with_process_collectors()
+    health = Health(settings.metrics.stall_after_s)
     # A dry run publishes nothing and is over in seconds: nothing to scrape, and no
     # reason to open a port on every interface.
-    listener = contextlib.nullcontext() if args.dry_run else _metrics_listener(settings, metrics)
-    with listener:
-        return asyncio.run(_produce_catalogue(args, settings, metrics))
-
-
-@contextlib.contextmanager
-def _metrics_listener(settings: Settings, metrics: Any) -> Iterator[None]:
-    """Serve the producer's metrics (`imgfleet_producer_*`) on metrics.port for the run.
-
-    A nightly run is a batch job: a taken port costs it its metrics, not the run.
-    """
-    from prometheus_client import start_http_server
-
-    from common.observability.logging import get_logger
-
-    m = settings.metrics
-    if not m.enabled:
-        yield
-        return
-    try:
-        server, thread = start_http_server(m.port, addr=m.host, registry=metrics.registry)
-    except OSError as exc:
-        get_logger("producer").warning(
-            "metrics listener not started", host=m.host, port=m.port, error=str(exc)
-        )
-        yield
-        return
-    port = int(server.server_address[1])
-    if m.port_file:
-        from pathlib import Path
-
-        from common.observability.ops_http import write_port_file
-
-        write_port_file(Path(m.port_file), port)
-    get_logger("producer").info("metrics listening", host=m.host, port=port, path="/metrics")
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    listen = None if args.dry_run else ops_listen(settings)
+    with serving_ops(metrics, health, listen, process="producer", optional=True):
+        return asyncio.run(_produce_catalogue(args, settings, metrics, health))
 
 
 def _fail(message: str, code: ExitCode) -> int:
@@ -148,7 +115,13 @@ def _run_id(args: argparse.Namespace) -> str:
     return check_run_id(args.resume or args.run_id or f"run-{uuid.uuid4().hex[:12]}")
 
 
-async def _produce_catalogue(args: argparse.Namespace, settings: Settings, metrics: Any) -> int:
+async def _produce_catalogue(
+    args: argparse.Namespace, settings: Settings, metrics: Any, health: Health
+) -> int:
+    """The run; ``/healthz`` fails if its event loop stops beating for
+    ``metrics.stall_after_s``, ``/readyz`` is 200 while the broker is connected."""
+    import asyncio
+
     from common.errors import ConfigError, ImgfleetError, TransientError
     from common.schema import Lane
     from imgfleet.factories import make_broker, make_storage, open_catalogue, run_options
@@ -194,11 +167,15 @@ async def _produce_catalogue(args: argparse.Namespace, settings: Settings, metri
             return ExitCode.OK
 
         broker = make_broker(settings)
+        health.set_ready("broker", False)
+        beating = asyncio.create_task(health.beat_event_loop(min(1.0, health.stall_after_s / 4)))
         try:
             with _client_libraries_quiet():
                 await broker.connect()
         except (ConfigError, TransientError) as exc:
+            beating.cancel()
             return _fail(f"cannot connect to the broker: {exc}", ExitCode.FAILED)
+        health.set_ready("broker", True)
         try:
             report = await CatalogueRun(
                 options, broker=broker, storage=storage, registry=registry, metrics=metrics
@@ -213,6 +190,8 @@ async def _produce_catalogue(args: argparse.Namespace, settings: Settings, metri
                 ExitCode.FAILED,
             )
         finally:
+            health.set_ready("broker", False)
+            beating.cancel()
             with contextlib.suppress(Exception):
                 await broker.close()
     _print_report(report.as_dict(), report.rejects, args.json)

@@ -67,7 +67,12 @@ def demo_settings(base: Settings, workdir: Path) -> Settings:
     return base.model_copy(
         update={
             "broker": base.broker.model_copy(
-                update={"kind": "local", "local_path": workdir / "queue.sqlite3"}
+                update={
+                    "kind": "local",
+                    "local": base.broker.local.model_copy(
+                        update={"path": workdir / "queue.sqlite3"}
+                    ),
+                }
             ),
             "storage": base.storage.model_copy(update={"kind": "local", "root": workdir / "store"}),
             # The demo's image server is on loopback, which the SSRF guard refuses by default.

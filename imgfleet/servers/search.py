@@ -19,7 +19,6 @@ generation is loaded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +30,14 @@ from common.errors import JobFailure
 from common.observability.health import Health
 from common.observability.logging import get_logger
 from common.observability.metrics import default_metrics
-from common.observability.ops_http import OpsServer
-from imgfleet.factories import configure_faiss_threads, embed_one, make_embedder, make_storage
+from common.observability.ops_http import serving_ops
+from imgfleet.factories import (
+    configure_faiss_threads,
+    embed_one,
+    make_embedder,
+    make_storage,
+    ops_listen,
+)
 from index.search import Hit, Searcher
 
 if TYPE_CHECKING:
@@ -199,15 +204,6 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     get_logger("search_server").info(
         "serving", host=host, port=port, generation=searcher.generation
     )
-    m = settings.metrics
-    ops = OpsServer(
-        metrics,
-        health,
-        host=m.host,
-        port=m.port,
-        port_file=m.port_file or None,
-        process="search",
-    )
-    with ops if m.enabled else contextlib.nullcontext():
+    with serving_ops(metrics, health, ops_listen(settings), process="search"):
         web.run_app(app, host=host, port=port, print=None)
     return 0

@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common.config import ProducerConfig
 from common.observability.logging import get_logger
 from common.schema import MAX_ITEM_ID_CHARS, MAX_URL_CHARS
 from producers.catalogue.formats import CsvRows, JsonlRows, ParquetRows, open_parquet
@@ -37,7 +36,7 @@ from producers.catalogue.sources import (
     CatalogueError,
     CatalogueFormatError,
     S3RangeReader,
-    default_s3_client,
+    given_s3_client,
     is_s3_url,
     open_byte_stream,
     open_local_file,
@@ -97,17 +96,6 @@ class ColumnMapping:
             raise ValueError("url_separator must not be empty")
         if self.max_images_per_item < 1:
             raise ValueError("max_images_per_item must be at least 1")
-
-    @classmethod
-    def from_config(cls, config: ProducerConfig) -> ColumnMapping:
-        return cls(
-            item_id=config.item_id_column,
-            image_urls=tuple(config.image_url_columns),
-            version=config.version_column,
-            etag=config.etag_column,
-            url_separator=config.url_separator,
-            max_images_per_item=config.max_images_per_item,
-        )
 
     def columns(self) -> list[str]:
         """Every column the mapping reads, each once, in a stable order."""
@@ -461,7 +449,7 @@ def _open_parquet(label: str, s3_client: Any | None) -> _Opened:
     closers: list[Any] = []
     source: Any = label
     if is_s3_url(label):
-        client = s3_client if s3_client is not None else default_s3_client()
+        client = given_s3_client(s3_client, label)
         reader = S3RangeReader(client, label)
         closers.append(reader)
         source = reader

@@ -26,9 +26,7 @@ from typing import IO, Any
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from common.config import StorageConfig
-from common.errors import ExitCode, OperatorError
-from common.storage.s3_client import s3_client_from_config
+from common.errors import ConfigError, ExitCode, OperatorError
 
 STREAM_BUFFER_BYTES = 1 * 2**20  # one read from the file / socket
 RANGE_BLOCK_BYTES = 4 * 2**20  # one ranged GET for Parquet
@@ -81,9 +79,12 @@ def is_s3_url(source: str | os.PathLike[str]) -> bool:
     return isinstance(source, str) and source.startswith("s3://")
 
 
-def default_s3_client() -> Any:
-    """The client for a caller that passes none: ``[storage]``'s defaults, no credentials."""
-    return s3_client_from_config(StorageConfig())
+def given_s3_client(client: Any | None, source: str) -> Any:
+    """The S3 client an s3:// source is read with; the caller makes it from its settings
+    (``imgfleet.factories.open_catalogue``: ``[storage]``'s over ``[s3]``)."""
+    if client is None:
+        raise ConfigError(f"catalogue {source}: an s3:// catalogue needs an S3 client")
+    return client
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -240,7 +241,7 @@ def open_local_file(path: Path) -> tuple[Any, int]:
 def open_byte_stream(source: str | os.PathLike[str], *, s3_client: Any | None = None) -> ByteStream:
     """Open a local file or s3:// object for one sequential pass; gunzip when gzipped."""
     if is_s3_url(source):
-        client = s3_client if s3_client is not None else default_s3_client()
+        client = given_s3_client(s3_client, str(source))
         raw: Any = S3StreamReader(client, str(source))
         size: int = raw.size_bytes
     else:

@@ -35,6 +35,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 RETRY_STATUSES = frozenset({409, 429, 502, 503, 504})
@@ -77,26 +78,20 @@ class CmsRequestError(Exception):
         return text
 
 
+@dataclass(eq=False)
 class CmsClient:
-    def __init__(
-        self,
-        base_url: str,
-        token: str,
-        timeout_s: float = 10,
-        max_retries: int = 5,
-        *,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self._sleep = sleep
-        self._random = random.Random()
+    base_url: str
+    token: str = field(repr=False)  # never in a repr or a log line
+    timeout_s: float = 10
+    max_retries: int = 5
+    _: KW_ONLY
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    _random: random.Random = field(default_factory=random.Random, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
 
     # -- the API ---------------------------------------------------------------------
 
@@ -126,7 +121,7 @@ class CmsClient:
         last: CmsRequestError | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self._sleep(self._delay_s(attempt - 1, last))
+                self.sleep(self._delay_s(attempt - 1, last))
             request = urllib.request.Request(self.base_url + path, data=data, method=method)
             request.add_header("Authorization", f"Bearer {self.token}")
             request.add_header("Idempotency-Key", key)

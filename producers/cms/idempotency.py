@@ -20,7 +20,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import orjson
@@ -80,21 +80,14 @@ class KeyReused:
 Outcome = Claim | Replay | InProgress | KeyReused
 
 
+@dataclass(eq=False)
 class IdempotencyStore:
-    def __init__(
-        self,
-        storage: Storage,
-        *,
-        ttl_s: float,
-        lease_s: float,
-        prefix: str = PREFIX,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.storage = storage
-        self.ttl_s = ttl_s
-        self.lease_s = lease_s
-        self.prefix = prefix
-        self.clock = clock
+    storage: Storage
+    _: KW_ONLY
+    ttl_s: float
+    lease_s: float
+    prefix: str = PREFIX
+    clock: Callable[[], float] = time.time
 
     def storage_key(self, key: str) -> str:
         return f"{self.prefix}{key_hash(key)}.json"

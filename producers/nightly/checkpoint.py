@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import KW_ONLY, asdict, dataclass, field, fields, replace
 from typing import Any
 
 import orjson
@@ -93,32 +93,23 @@ def load_checkpoint(storage: Storage, run_id: str) -> Checkpoint | None:
     return Checkpoint.from_bytes(storage.get(key))
 
 
+@dataclass(eq=False)
 class CheckpointWriter:
-    """Writes resume points: flush, wait for every confirm, mark the ledger, save."""
+    """Writes resume points: flush, wait for every confirm, mark the ledger, save.
 
-    def __init__(
-        self,
-        storage: Storage,
-        broker: ProducerBroker,
-        ledger: str,
-        batches: ConfirmedBatches,
-        base: Checkpoint,
-        *,
-        interval_s: float,
-        metrics: ProducerMetrics,
-        rejects: RejectsFile | None = None,
-        on_saved: Callable[[Checkpoint], None] | None = None,
-    ) -> None:
-        self.storage = storage
-        self.metrics = metrics
-        self.on_saved = on_saved
-        self.broker = broker
-        self.ledger = ledger
-        self.batches = batches
-        self.current = base
-        self.interval_s = interval_s
-        self.rejects = rejects
-        self._last_s = time.monotonic()
+    ``current`` starts as the run's base checkpoint and is the last one saved."""
+
+    storage: Storage
+    broker: ProducerBroker
+    ledger: str
+    batches: ConfirmedBatches
+    current: Checkpoint
+    _: KW_ONLY
+    interval_s: float
+    metrics: ProducerMetrics
+    rejects: RejectsFile | None = None
+    on_saved: Callable[[Checkpoint], None] | None = None
+    _last_s: float = field(default_factory=time.monotonic, init=False, repr=False)
 
     def due(self) -> bool:
         return time.monotonic() - self._last_s >= self.interval_s

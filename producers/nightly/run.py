@@ -29,12 +29,14 @@ import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from common.brokers.base import ProducerBroker
+from common.config import ProducerConfig
 from common.errors import ExitCode, OperatorError
 from common.observability.logging import get_logger
 from common.observability.metrics import ProducerMetrics
@@ -80,19 +82,24 @@ class RunExistsError(RunConflictError):
     exit_code = ExitCode.RUN_EXISTS
 
 
+# Defaults are [producer]'s, so a run built without settings (tests, benchmarks) follows
+# the config when a default changes.
+_PRODUCER = ProducerConfig()
+
+
 @dataclass(frozen=True)
 class RunOptions:
     run_id: str
     source: str
-    catalogue: str = "default"
+    catalogue: str = _PRODUCER.catalogue_name
     lane: Lane = Lane.BULK
-    batch_size: int = 500
-    in_flight: int = 4
-    checkpoint_interval_s: float = 5.0
-    progress_interval_s: float = 10.0
-    max_rate_per_s: float = 0.0
-    delete_missing: bool = True
-    max_delete_fraction: float = 0.2
+    batch_size: int = _PRODUCER.batch_size
+    in_flight: int = _PRODUCER.publish_in_flight
+    checkpoint_interval_s: float = _PRODUCER.checkpoint_interval_s
+    progress_interval_s: float = _PRODUCER.progress_interval_s
+    max_rate_per_s: float = _PRODUCER.max_rate_per_s
+    delete_missing: bool = _PRODUCER.delete_missing
+    max_delete_fraction: float = _PRODUCER.max_delete_fraction
     allow_mass_delete: bool = False
     resume: bool = False
     rejects_path: Path | None = None
@@ -111,30 +118,25 @@ class _RunState:
     rejects: RejectsFile | None
 
 
+@dataclass(eq=False)
 class CatalogueRun:
     """One run of ``options``; ``on_confirmed`` is called with each batch the broker confirmed.
 
     ``metrics`` counts what the run read and published (default: a registry nobody serves).
     """
 
-    def __init__(
-        self,
-        options: RunOptions,
-        *,
-        broker: ProducerBroker,
-        storage: Storage,
-        registry: RunRegistry,
-        on_confirmed: OnConfirmed | None = None,
-        metrics: ProducerMetrics | None = None,
-    ) -> None:
-        self.o = options
-        self.broker = broker
-        self.storage = storage
-        self.registry = registry
-        self.on_confirmed = on_confirmed
-        self.metrics = metrics or ProducerMetrics()
-        self.log = get_logger("producer", run_id=options.run_id, source=options.source)
-        self._deletes_in_ledger = 0
+    o: RunOptions
+    _: KW_ONLY
+    broker: ProducerBroker
+    storage: Storage
+    registry: RunRegistry
+    on_confirmed: OnConfirmed | None = None
+    metrics: ProducerMetrics = field(default_factory=ProducerMetrics)
+    log: Any = field(init=False, repr=False)
+    _deletes_in_ledger: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log = get_logger("producer", run_id=self.o.run_id, source=self.o.source)
 
     async def run(self, open_source: OpenSource) -> PublishReport:
         started_s = time.monotonic()

@@ -23,7 +23,7 @@ import math
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,31 +94,25 @@ class PublishCounts:
 
     @classmethod
     def from_checkpoint(cls, cp: Checkpoint) -> PublishCounts:
-        return cls(
-            rows=cp.rows_consumed,
-            items=cp.items,
-            rejected=cp.rejected,
-            rejected_unattributed=cp.rejected_unattributed,
-            duplicate_images=cp.duplicate_images,
-            superseded_rows=cp.superseded_rows,
-            kept_items=cp.kept_items,
-            kept_images=cp.kept_images,
-            jobs=cp.jobs_confirmed,
-        )
+        return cls(**{name: getattr(cp, saved) for name, saved in _IN_CHECKPOINT.items()})
 
     def checkpoint_fields(self) -> dict[str, int]:
-        return {
-            "rows_consumed": self.rows,
-            "items": self.items,
-            "rejected": self.rejected,
-            "rejected_unattributed": self.rejected_unattributed,
-            "duplicate_images": self.duplicate_images,
-            "superseded_rows": self.superseded_rows,
-            "kept_items": self.kept_items,
-            "kept_images": self.kept_images,
-            "jobs_confirmed": self.jobs,
-        }
+        return {saved: getattr(self, name) for name, saved in _IN_CHECKPOINT.items()}
 
+
+# The counts a checkpoint saves, and their names there (already_published is found again
+# from the ledger on resume, so it is not saved).
+_IN_CHECKPOINT = {
+    "rows": "rows_consumed",
+    "items": "items",
+    "rejected": "rejected",
+    "rejected_unattributed": "rejected_unattributed",
+    "duplicate_images": "duplicate_images",
+    "superseded_rows": "superseded_rows",
+    "kept_items": "kept_items",
+    "kept_images": "kept_images",
+    "jobs": "jobs_confirmed",
+}
 
 _COUNT_FIELDS = (
     "rows",
@@ -161,20 +155,9 @@ class PublishReport:
 
     @classmethod
     def of(cls, run_id: str, lane: str, counts: PublishCounts, **extra: Any) -> PublishReport:
-        return cls(
-            run_id=run_id,
-            lane=lane,
-            rows=counts.rows,
-            items=counts.items,
-            jobs=counts.jobs,
-            duplicate_images=counts.duplicate_images,
-            superseded_rows=counts.superseded_rows,
-            rejected=counts.rejected,
-            rejected_unattributed=counts.rejected_unattributed,
-            kept_items=counts.kept_items,
-            kept_images=counts.kept_images,
-            **extra,
-        )
+        # Every count but already_published, which the caller passes when it has one.
+        reported = {name: getattr(counts, name) for name in _IN_CHECKPOINT}
+        return cls(run_id=run_id, lane=lane, **reported, **extra)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -248,49 +231,41 @@ def _usable(entry: CatalogueItem | RejectedRow) -> CatalogueItem | RejectedRow:
     return RejectedRow(entry.line, problem, entry.item_id[:200], attributed)
 
 
+@dataclass(eq=False, kw_only=True)
 class UpsertPhase:
     """Reads the catalogue and publishes one job per new image; resumable by rows."""
 
-    def __init__(
-        self,
-        *,
-        run_id: str,
-        lane: Lane,
-        batch_size: int,
-        builder: SnapshotBuilder,
-        counts: PublishCounts,
-        batches: ConfirmedBatches | None,
-        metrics: ProducerMetrics,
-        checkpoints: CheckpointWriter | None = None,
-        capacity_calls: int | None = None,
-        already_published: set[str] | None = None,
-        rejects: RejectsFile | None = None,
-        log: Any = None,
-        progress_interval_s: float = 10.0,
-    ) -> None:
-        self.run_id = run_id
-        self.lane = lane
-        self.batch_size = batch_size
-        self.builder = builder
-        self.counts = counts
-        self.skip_rows = counts.rows
-        self.batches = batches
-        self.metrics = metrics
-        self.checkpoints = checkpoints
-        self.capacity_calls = capacity_calls
+    run_id: str
+    lane: Lane
+    batch_size: int
+    builder: SnapshotBuilder
+    counts: PublishCounts
+    batches: ConfirmedBatches | None
+    metrics: ProducerMetrics
+    checkpoints: CheckpointWriter | None = None
+    capacity_calls: int | None = None
+    already_published: InitVar[set[str] | None] = None
+    rejects: RejectsFile | None = None
+    log: Any = None
+    progress_interval_s: float = 10.0
+    rejects_kept: list[RejectedRow] = field(default_factory=list, init=False)
+    already: set[str] = field(init=False, repr=False)
+    skip_rows: int = field(init=False)
+    _rejects_logged: int = field(default=0, init=False)
+    _outgoing: list[Job] = field(default_factory=list, init=False, repr=False)
+    _started_s: float = field(default_factory=time.monotonic, init=False, repr=False)
+    _jobs_at_start: int = field(init=False, repr=False)
+    _winners: Winners = field(default_factory=Winners.none, init=False, repr=False)
+    _winners_met: int = field(default=0, init=False)
+    _rows_in_first_pass: int = field(default=0, init=False)
+    # item keys of rejected rows that name their item
+    _rejected_keys: array[int] = field(default_factory=lambda: array("q"), init=False, repr=False)
+
+    def __post_init__(self, already_published: set[str] | None) -> None:
+        self.skip_rows = self.counts.rows
+        self._jobs_at_start = self.counts.jobs
         self.already = already_published or set()
-        self.rejects = rejects
-        self.log = log or get_logger("producer", run_id=run_id)
-        self.progress_interval_s = progress_interval_s
-        self.rejects_kept: list[RejectedRow] = []
-        self._rejects_logged = 0
-        self._outgoing: list[Job] = []
-        self._started_s = time.monotonic()
-        self._jobs_at_start = counts.jobs
-        self._winners = Winners.none()
-        self._winners_met = 0
-        self._rows_in_first_pass = 0
-        self._rejected_keys = array("q")  # item keys of rejected rows that name their item
+        self.log = self.log or get_logger("producer", run_id=self.run_id)
 
     def rejected_item_keys(self) -> np.ndarray:
         """Item keys named by the rejected rows read so far (repeats included)."""

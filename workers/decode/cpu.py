@@ -212,15 +212,14 @@ def _finish(
     except Exception:  # a damaged EXIF block should not lose a good image
         oriented = img
     rgb = np.asarray(to_rgb(oriented), dtype=np.uint8)
-    pixels = resize_and_crop(rgb, size)
-    return DecodeResult(
-        pixels=pixels,
-        format=image_format,
-        width=width,
-        height=height,
-        recovered=recovered,
-        decode_ms=0.0,
+    return _decoded(
+        rgb,
+        image_format,
+        width,
+        height,
+        size,
         path=path,
+        recovered=recovered,
         decoded_fraction=decoded_fraction,
     )
 
@@ -257,16 +256,7 @@ def _decode_png_vips(data: bytes, width: int, height: int, size: int) -> DecodeR
     array = np.ndarray(
         buffer=img.write_to_memory(), dtype=np.uint8, shape=(img.height, img.width, img.bands)
     )
-    rgb = _as_rgb(array)
-    return DecodeResult(
-        pixels=resize_and_crop(rgb, size),
-        format="png",
-        width=width,
-        height=height,
-        recovered=False,
-        decode_ms=0.0,
-        path="vips",
-    )
+    return _decoded(_as_rgb(array), "png", width, height, size, path="vips")
 
 
 def _is_simple_webp(data: bytes) -> bool:
@@ -290,14 +280,31 @@ def _decode_webp_cv2(data: bytes, width: int, height: int, size: int) -> DecodeR
         rgb = np.asarray(cv2.cvtColor(array, cv2.COLOR_BGR2RGB), dtype=np.uint8)
     else:
         rgb = _as_rgb(array)
+    return _decoded(np.ascontiguousarray(rgb), "webp", width, height, size, path="opencv")
+
+
+def _decoded(
+    rgb: np.ndarray,
+    image_format: str,
+    width: int,
+    height: int,
+    size: int,
+    *,
+    path: str,
+    recovered: bool = False,
+    decoded_fraction: float = 1.0,
+) -> DecodeResult:
+    """The result of a decode: ``rgb`` resized and cropped to ``size``; the decode time is
+    the caller's to fill in."""
     return DecodeResult(
-        pixels=resize_and_crop(np.ascontiguousarray(rgb), size),
-        format="webp",
+        pixels=resize_and_crop(rgb, size),
+        format=image_format,
         width=width,
         height=height,
-        recovered=False,
+        recovered=recovered,
         decode_ms=0.0,
-        path="opencv",
+        path=path,
+        decoded_fraction=decoded_fraction,
     )
 
 

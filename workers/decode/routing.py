@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
@@ -86,27 +86,22 @@ class GpuBatchDecoder(Protocol):
     def decode_batch(self, images: list[bytes]) -> list[np.ndarray | Exception]: ...
 
 
+@dataclass(eq=False)
 class RoutedDecoder:
-    def __init__(
-        self,
-        cpu: Decoder,
-        gpu: GpuBatchDecoder,
-        router: DecodeRouter,
-        *,
-        max_pixels: int,
-        max_batch: int = 32,
-        max_wait_s: float = 0.005,
-    ) -> None:
-        self.cpu = cpu
-        self.gpu = gpu
-        self.router = router
-        self.max_pixels = max_pixels
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self.gpu_fallbacks = 0  # rejected by nvJPEG, decoded on the CPU instead
-        self._pending: list[tuple[bytes, asyncio.Future[np.ndarray | Exception]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._batches: set[asyncio.Task[None]] = set()  # held so they are not collected
+    cpu: Decoder
+    gpu: GpuBatchDecoder
+    router: DecodeRouter
+    _: KW_ONLY
+    max_pixels: int
+    max_batch: int = 32
+    max_wait_s: float = 0.005
+    gpu_fallbacks: int = field(default=0, init=False)  # rejected by nvJPEG, decoded on the CPU
+    _pending: list[tuple[bytes, asyncio.Future[np.ndarray | Exception]]] = field(
+        default_factory=list, init=False, repr=False
+    )
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    # held so they are not collected
+    _batches: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
     async def decode(self, data: bytes) -> DecodeResult:
         info = jpeg_info(data)

@@ -174,15 +174,33 @@ def _torch_instance(
     precision: str,
     sizes: tuple[int, ...],
 ) -> Backend:
-    if device.type == "cuda":
-        return _torch_cuda(module, card, device, options, precision, sizes)
-    return TorchCpuBackend(
-        module,
+    if device.type != "cuda":
+        return TorchCpuBackend(
+            module,
+            card,
+            precision=precision,
+            channels_last=options.channels_last,
+            compile_mode=options.compile_mode,
+        )
+    from workers.embed.gpu_runner import GpuRunner
+
+    torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each once
+    dtype = _DTYPES[precision]
+    on_device = module
+    if options.channels_last and not isinstance(module, torch.jit.ScriptModule):
+        on_device = on_device.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    forward = _maybe_compile(on_device, options.compile_mode)
+    runner = GpuRunner(
+        forward,
         card,
-        precision=precision,
+        device=device,
+        max_batch=options.max_batch,
+        in_flight=options.in_flight,
+        dtype=dtype,
         channels_last=options.channels_last,
-        compile_mode=options.compile_mode,
+        graph_batch_sizes=sizes if options.cuda_graphs else (),
     )
+    return _RunnerBackend(runner, "torch-cuda", precision)
 
 
 def _maybe_compile(module: nn.Module, compile_mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -243,35 +261,6 @@ class TorchCpuBackend:
                     out = self._forward(x)
                 outs.append(out.float().numpy())
         return outs
-
-
-def _torch_cuda(
-    module: nn.Module,
-    card: ModelCard,
-    device: torch.device,
-    options: EngineOptions,
-    precision: str,
-    sizes: tuple[int, ...],
-) -> Backend:
-    from workers.embed.gpu_runner import GpuRunner
-
-    torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each once
-    dtype = _DTYPES[precision]
-    on_device = module
-    if options.channels_last and not isinstance(module, torch.jit.ScriptModule):
-        on_device = on_device.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    forward = _maybe_compile(on_device, options.compile_mode)
-    runner = GpuRunner(
-        forward,
-        card,
-        device=device,
-        max_batch=options.max_batch,
-        in_flight=options.in_flight,
-        dtype=dtype,
-        channels_last=options.channels_last,
-        graph_batch_sizes=sizes if options.cuda_graphs else (),
-    )
-    return _RunnerBackend(runner, "torch-cuda", precision)
 
 
 @dataclass

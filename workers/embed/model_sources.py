@@ -15,7 +15,7 @@ from typing import Any
 from common.errors import ConfigError, Reason, TransientError
 from common.files import write_atomic
 from common.observability.logging import get_logger
-from common.storage.s3_client import make_s3_client
+from common.storage.s3_client import S3Endpoint, make_s3_client
 from workers.embed.model_card import CARD_SUFFIX
 
 _log = get_logger(__name__)
@@ -46,8 +46,7 @@ def resolve_model_path(
     path: str,
     *,
     cache_dir: str | Path,
-    s3_endpoint_url: str = "",
-    s3_region: str = "",
+    s3: S3Endpoint | None = None,
     s3_client: Any = None,
 ) -> str:
     """ "default" and local paths pass through; s3:// is downloaded and its local path returned."""
@@ -59,9 +58,10 @@ def resolve_model_path(
             raise ConfigError(f"model file {local} does not exist")
         return str(local)
     location = parse_s3_model_url(path)
-    # Credentials come from boto3's own chain (environment, profile, instance role): model
-    # files are read by the same role that reads images, and secrets stay out of config.
-    client = s3_client or make_s3_client(endpoint_url=s3_endpoint_url, region=s3_region)
+    # ``s3``: endpoint, region and credentials (imgfleet.factories.s3_endpoint: [s3]'s, so
+    # model files are read by the same role that reads images); empty credentials fall
+    # back to boto3's own chain (environment, profile, instance role).
+    client = s3_client or (make_s3_client(**s3) if s3 else make_s3_client())
     return str(_download(client, location, Path(cache_dir)))
 
 

@@ -34,6 +34,7 @@ import time
 import urllib.parse
 import zlib
 from collections.abc import Iterable
+from dataclasses import InitVar, dataclass, field
 from types import TracebackType
 
 import aiohttp
@@ -156,46 +157,36 @@ class _BoundedInflater:
         return bytes(out)
 
 
+@dataclass(eq=False, kw_only=True)
 class HttpFetcher:
     """http(s):// with one shared connection pool; use as ``async with HttpFetcher() as f``."""
 
-    def __init__(
-        self,
-        *,
-        connect_timeout_s: float = _DEFAULTS.connect_timeout_s,
-        read_timeout_s: float = _DEFAULTS.read_timeout_s,
-        total_timeout_s: float = _DEFAULTS.total_timeout_s,
-        max_bytes: int = _DEFAULTS.max_download_bytes,
-        max_redirects: int = _DEFAULTS.fetch_max_redirects,
-        per_host_limit: int = _DEFAULTS.fetch_per_host_limit,
-        total_limit: int = 64,
-        allow_networks: Iterable[str] = (),
-        retries: int = _DEFAULTS.fetch_retries,
-        retry_backoff_s: float = 0.2,
-        retry_after_max_s: float = _RETRY_DEFAULTS.retry_after_max_s,
-    ) -> None:
-        if max_bytes <= 0:
+    connect_timeout_s: float = _DEFAULTS.connect_timeout_s
+    read_timeout_s: float = _DEFAULTS.read_timeout_s
+    total_timeout_s: float = _DEFAULTS.total_timeout_s
+    max_bytes: int = _DEFAULTS.max_download_bytes
+    max_redirects: int = _DEFAULTS.fetch_max_redirects
+    per_host_limit: int = _DEFAULTS.fetch_per_host_limit
+    total_limit: int = 64
+    allow_networks: InitVar[Iterable[str]] = ()
+    retries: int = _DEFAULTS.fetch_retries
+    retry_backoff_s: float = 0.2
+    retry_after_max_s: float = _RETRY_DEFAULTS.retry_after_max_s
+    policy: AddressPolicy = field(init=False)
+    holds: HostHolds = field(default_factory=HostHolds, init=False)  # origins asking to wait
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _resolver: GuardedResolver | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self, allow_networks: Iterable[str]) -> None:
+        if self.max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
-        if max_redirects < 0:
+        if self.max_redirects < 0:
             raise ValueError("max_redirects must be >= 0")
-        if retries < 0:
+        if self.retries < 0:
             raise ValueError("retries must be >= 0")
-        if retry_after_max_s < 0:
+        if self.retry_after_max_s < 0:
             raise ValueError("retry_after_max_s must be >= 0")
-        self.connect_timeout_s = connect_timeout_s
-        self.read_timeout_s = read_timeout_s
-        self.total_timeout_s = total_timeout_s
-        self.max_bytes = max_bytes
-        self.max_redirects = max_redirects
-        self.per_host_limit = per_host_limit
-        self.total_limit = total_limit
         self.policy = AddressPolicy(allow_networks)
-        self.retries = retries
-        self.retry_backoff_s = retry_backoff_s
-        self.retry_after_max_s = retry_after_max_s
-        self.holds = HostHolds()  # origins that asked this fetcher to wait
-        self._session: aiohttp.ClientSession | None = None
-        self._resolver: GuardedResolver | None = None
 
     async def __aenter__(self) -> HttpFetcher:
         await self.open()

@@ -29,7 +29,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, Pick
-from common.brokers.kafka.client import ClientSettings, LogReader, client_settings, ensure_topics
+from common.brokers.kafka.client import ClientSettings, LogReader, ensure_topics
 from common.brokers.kafka.consumer import ConsumerLoop
 from common.brokers.kafka.dlq import KafkaLetter, collect_letters, resolution_value, resolved_keys
 from common.brokers.kafka.ledger import LedgerReader, ledger_headers
@@ -41,7 +41,7 @@ from common.brokers.kafka.topics import (
     dlq_headers,
     due_at_ms,
 )
-from common.config import BrokerConfig, KafkaConfig
+from common.config import KafkaConfig
 from common.errors import ConfigError, Reason, TransientError
 from common.observability.logging import get_logger
 from common.schema import Job
@@ -86,18 +86,6 @@ class KafkaBroker:
         self._reader = LogReader(settings)
         self._reader_lock = threading.Lock()  # the reader's clients are not thread-safe
         self._records = asyncio.Event()
-
-    @classmethod
-    def from_config(cls, config: BrokerConfig, *, prefetch: int | None = None) -> KafkaBroker:
-        """``prefetch``: the bulk+retry window in jobs, as the other brokers get it (the
-        pipeline's capacity); without it ``broker.prefetch``, which must then be set."""
-        k = config.kafka
-        return cls(
-            client_settings(config),
-            KafkaTopics.build(config.name_prefix, k.retry_delays_s),
-            k,
-            prefetch=config.prefetch if prefetch is None else prefetch,
-        )
 
     def __repr__(self) -> str:
         # ClientSettings keeps credentials out of its repr; the bootstrap list has none.

@@ -20,6 +20,7 @@ from typing import Any
 
 import common.brokers.local.ledger as local_ledger
 from common.brokers.base import ActOnLetters, DeadLetter, Delivery, LaneStats, Pick
+from common.config import LocalBrokerConfig
 from common.errors import ConfigError, Reason, TransientError
 from common.schema import Job, Lane
 
@@ -49,14 +50,17 @@ CREATE INDEX IF NOT EXISTS dlq_reason ON dlq (reason);
 """
 
 
+_LOCAL = LocalBrokerConfig()  # [broker.local]'s defaults
+
+
 class LocalBroker:
     def __init__(
         self,
         path: str | Path,
         *,
         prefetch: int = 256,
-        visibility_timeout_s: float = 120.0,
-        poll_interval_s: float = 0.2,
+        visibility_timeout_s: float = _LOCAL.visibility_timeout_s,
+        poll_interval_s: float = _LOCAL.poll_interval_s,
     ) -> None:
         self.path = Path(path)
         self.prefetch = prefetch

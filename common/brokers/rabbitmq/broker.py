@@ -127,10 +127,6 @@ class RabbitMQBroker:
         self._link_up = False  # readiness: connected, or reconnected after a loss
         self._resize_lock = asyncio.Lock()
 
-    @classmethod
-    def from_config(cls, config: BrokerConfig, **kwargs: Any) -> RabbitMQBroker:
-        return cls(config, **kwargs)
-
     def _shown_url(self) -> str:
         try:
             return mask_url(connection_url(self.config))
