@@ -18,11 +18,9 @@ The last line with --json is one JSON object; ``ratio`` is project ÷ naive on o
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
-import platform
 import sys
 import time
 from collections import Counter, defaultdict
@@ -30,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 # The repository root instead of bench/ itself: bench/ holds scripts named like stdlib
 # modules (queue.py), which would shadow them for this process and its spawned children.
 _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))
+
+from bench._harness import bench_parser, host_figures, report  # noqa: E402
 
 MIX = (("jpeg", 0.70), ("progressive", 0.15), ("png", 0.08), ("webp", 0.05), ("broken", 0.02))
 
@@ -180,9 +179,7 @@ def naive_all_cores(mix: list[tuple[str, bytes]], processes: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small mix, about a minute")
-    parser.add_argument("--json", action="store_true")
+    parser = bench_parser(__doc__.splitlines()[0], quick_help="small mix, about a minute")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -217,27 +214,22 @@ def main() -> int:
         "mix": dict(Counter(kind for kind, _ in mix)),
         "make_mix_s": round(make_s, 1),
         "load_average_1m": round(load_1m, 2),  # other work on the machine skews scaling
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
+        **host_figures(),
     }
-    print(f"mix     : {result['mix']} ({n} images, generated in {make_s:.1f} s)")
-    print(
+    lines = [
+        f"mix     : {result['mix']} ({n} images, generated in {make_s:.1f} s)",
         f"one core: project {rates['project_one_core']:.1f}/s, "
-        f"naive {rates['naive_one_core']:.1f}/s, ratio {result['ratio']}x"
-    )
-    print(
+        f"naive {rates['naive_one_core']:.1f}/s, ratio {result['ratio']}x",
         f"{args.processes} procs : project {rates['project_all_cores']:.1f}/s, "
-        f"naive {rates['naive_all_cores']:.1f}/s, ratio {result['ratio_all_cores']}x"
-    )
-    print(
+        f"naive {rates['naive_all_cores']:.1f}/s, ratio {result['ratio_all_cores']}x",
         f"scaling : project {result['scaling_all_cores']}x on {args.processes} processes "
-        f"(naive {result['naive_scaling_all_cores']}x)"
-    )
-    for kind in sorted(proj_out):
-        print(f"  {kind:<12} project {dict(proj_out[kind])}  naive {dict(base_out[kind])}")
-    if args.json:
-        print(orjson.dumps(result).decode())
-    return 0
+        f"(naive {result['naive_scaling_all_cores']}x)",
+    ]
+    lines += [
+        f"  {kind:<12} project {dict(proj_out[kind])}  naive {dict(base_out[kind])}"
+        for kind in sorted(proj_out)
+    ]
+    return report(result, lines, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -24,25 +24,25 @@ counts: on a machine shared with other work the least disturbed run is the trues
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import platform
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 # The script's own directory holds bench/queue.py, which would shadow the standard
 # library's queue module (torch imports it): import from the repository root instead.
 _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))
+
+from bench._harness import bench_parser, host_figures, report  # noqa: E402
 
 # Project imports live inside functions: the decode pool spawns processes that re-import
 # this module, and they must not pay for torch.
@@ -66,43 +66,27 @@ def model_only(
 
 def tight_loop(blobs: list[bytes], embedder: Any, batch: int, max_pixels: int) -> tuple[int, float]:
     """The same decode and embed work, in one plain loop."""
+    from bench.pipeline import embed_in_batches
     from workers.decode.cpu import decode_image
 
+    def decoded() -> Iterator[np.ndarray]:
+        for data in blobs:
+            try:
+                pixels = decode_image(data, max_pixels=max_pixels).pixels
+            except Exception:
+                continue  # broken images: the pipeline dead-letters them, nothing to embed
+            yield pixels
+
     t0 = time.perf_counter()
-    done = 0
-    pending: list[np.ndarray] = []
-    for data in blobs:
-        try:
-            pending.append(decode_image(data, max_pixels=max_pixels).pixels)
-        except Exception:
-            continue  # broken images: the pipeline dead-letters them, nothing to embed
-        if len(pending) >= batch:
-            embedder.embed(np.stack(pending))
-            done += len(pending)
-            pending = []
-    if pending:
-        embedder.embed(np.stack(pending))
-        done += len(pending)
+    done = embed_in_batches(embedder, decoded(), batch)
     return done, time.perf_counter() - t0
 
 
 async def pipeline_run(settings: Any, catalogue: Path, embedder: Any) -> tuple[int, float]:
-    from imgfleet.factories import make_broker, run_worker
-    from producers.nightly.upserts import publish_catalogue
+    """``bench/pipeline.py``'s project side, with this embedder."""
+    from bench.pipeline import project_run
 
-    broker = make_broker(settings)
-    await broker.connect()
-    report = await publish_catalogue(broker, catalogue, run_id="bench-embed")
-    await broker.close()
-    t0 = time.perf_counter()
-    stats = await run_worker(
-        settings,
-        worker_id="bench-embed",
-        until_idle=True,
-        progress_total=report.jobs,
-        embedder=embedder,
-    )
-    return stats.indexed, time.perf_counter() - t0
+    return await project_run(settings, catalogue, name="bench-embed", embedder=embedder)
 
 
 class GpuBusySampler:
@@ -187,9 +171,7 @@ def gpu_section(pixels: np.ndarray, blobs: list[bytes], quick: bool) -> dict[str
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small corpus, ~2 minutes")
-    parser.add_argument("--json", action="store_true")
+    parser = bench_parser(__doc__.splitlines()[0], quick_help="small corpus, ~2 minutes")
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--embed-threads", type=int, default=0, help="0: the wiring's choice")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
@@ -289,21 +271,20 @@ def main() -> int:
             "precision": embedder.precision,
             "embed_threads": embedder.threads,
             "decode_processes": decode_processes(settings),
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
+            **host_figures(),
             **gpu,
         }
     )
     if busy is not None and busy.busy_fraction is not None:
         result["gpu_busy_fraction"] = round(busy.busy_fraction, 3)
-    print(f"model only, batch {max_batch}: {model_rate:.1f} images/s")
-    print(f"tight loop : {base_n} images, best {base_rate:.1f} images/s")
-    print(f"pipeline   : {proj_n} images, best {proj_rate:.1f} images/s")
-    print(f"ratio      : {result['ratio']}x the tight loop (target >= 0.8)")
-    print(f"efficiency : {result['model_efficiency']}x model-only throughput")
-    if args.json:
-        print(orjson.dumps(result).decode())
-    return 0
+    lines = [
+        f"model only, batch {max_batch}: {model_rate:.1f} images/s",
+        f"tight loop : {base_n} images, best {base_rate:.1f} images/s",
+        f"pipeline   : {proj_n} images, best {proj_rate:.1f} images/s",
+        f"ratio      : {result['ratio']}x the tight loop (target >= 0.8)",
+        f"efficiency : {result['model_efficiency']}x model-only throughput",
+    ]
+    return report(result, lines, as_json=args.json)
 
 
 if __name__ == "__main__":

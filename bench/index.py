@@ -19,7 +19,6 @@ The last line with --json is one JSON object: ``ratio`` (QPS against exact searc
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -29,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 # Replace, not prepend: the script's own directory would shadow the ``index`` package with
 # this file, and stdlib modules with sibling benchmarks (bench/queue.py).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench._harness import bench_parser, report  # noqa: E402
 
 DIM = 256
 MODEL_ID = "bench-model"
@@ -124,9 +124,7 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200k vectors, about 2 minutes")
-    parser.add_argument("--json", action="store_true")
+    parser = bench_parser(__doc__.splitlines()[0], quick_help="200k vectors, about 2 minutes")
     parser.add_argument("--vectors", type=int, default=None)
     parser.add_argument("--queries", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -290,10 +288,10 @@ def main() -> int:
                 writer.flush()
         writer.flush()
         started_s = time.perf_counter()
-        report = applier.apply_once()
+        applied = applier.apply_once()
         result["upsert10k_s"] = round(time.perf_counter() - started_s, 2)
-        result["upsert10k_applied"] = report.upserts
-        result["upsert10k_segments"] = report.segments
+        result["upsert10k_applied"] = applied.upserts
+        result["upsert10k_segments"] = applied.segments
 
     def spread(values: list[float]) -> str:
         return f"{min(values):.0f}-{max(values):.0f}"
@@ -325,10 +323,7 @@ def main() -> int:
         f"  memory per million vectors {result['memory_mb_per_million']} MB (exact: {DIM * 4} MB)",
         f"  10k live upserts applied + checkpointed in {result['upsert10k_s']} s",
     ]
-    print("\n".join(lines))
-    if args.json:
-        print(orjson.dumps(result).decode())
-    return 0
+    return report(result, ["\n".join(lines)], as_json=args.json)
 
 
 if __name__ == "__main__":

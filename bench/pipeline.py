@@ -22,19 +22,19 @@ sys.path[:] = [str(_BENCH_DIR.parent)] + [
     p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR
 ]
 
-import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import io  # noqa: E402
 import multiprocessing  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
+from collections.abc import Iterable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-import orjson  # noqa: E402
+
+from bench._harness import bench_parser, host_figures, report  # noqa: E402
 
 # Project imports live inside functions: the decode pool spawns processes that re-import
 # this module, and they must not pay for torch.
@@ -66,54 +66,73 @@ class OriginProcess:
         self._proc.join(10)
 
 
-def naive_loop(catalogue: Path, embedder, batch_size: int) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+def embed_in_batches(embedder: Any, images: Iterable[np.ndarray], batch_size: int) -> int:
+    """The baselines' embedding: ``images`` taken one at a time, each ``batch_size`` of them
+    embedded as soon as they are there (no overlap between stages), the rest at the end;
+    returns how many were embedded."""
+    done = 0
+    pending: list[np.ndarray] = []
+    for pixels in images:
+        pending.append(pixels)
+        if len(pending) >= batch_size:
+            embedder.embed(np.stack(pending))
+            done += len(pending)
+            pending = []
+    if pending:
+        embedder.embed(np.stack(pending))
+        done += len(pending)
+    return done
+
+
+def naive_loop(catalogue: Path, embedder: Any, batch_size: int) -> tuple[int, float]:
     from PIL import Image
 
     from producers.catalogue.reader import CatalogueItem, read_catalogue
 
-    t0 = time.perf_counter()
-    done = 0
-    pending: list[np.ndarray] = []
-    for entry in read_catalogue(catalogue):
-        if not isinstance(entry, CatalogueItem):
-            continue
-        for url in entry.image_urls:
-            try:
-                with urllib.request.urlopen(url, timeout=30) as resp:
-                    data = resp.read()
-                img = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224))
-            except Exception:
+    def fetched() -> Iterator[np.ndarray]:
+        for entry in read_catalogue(catalogue):
+            if not isinstance(entry, CatalogueItem):
                 continue
-            pending.append(np.asarray(img))
-            if len(pending) >= batch_size:
-                embedder.embed(np.stack(pending))
-                done += len(pending)
-                pending = []
-    if pending:
-        embedder.embed(np.stack(pending))
-        done += len(pending)
+            for url in entry.image_urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=30) as resp:
+                        data = resp.read()
+                    img = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224))
+                except Exception:
+                    continue
+                yield np.asarray(img)
+
+    t0 = time.perf_counter()
+    done = embed_in_batches(embedder, fetched(), batch_size)
     return done, time.perf_counter() - t0
 
 
-async def project_run(settings, catalogue: Path) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+async def project_run(
+    settings: Any, catalogue: Path, *, name: str = "bench", embedder: Any = None
+) -> tuple[int, float]:
+    """The catalogue published to the local broker as run ``name``, then a worker of that
+    name run until the queue drains (with ``embedder``, if given, instead of the wiring's
+    own); returns (images indexed, seconds the worker took)."""
     from imgfleet.factories import make_broker, run_worker
     from producers.nightly.upserts import publish_catalogue
 
     broker = make_broker(settings)
     await broker.connect()
-    report = await publish_catalogue(broker, catalogue, run_id="bench")
+    published = await publish_catalogue(broker, catalogue, run_id=name)
     await broker.close()
     t0 = time.perf_counter()
     stats = await run_worker(
-        settings, worker_id="bench", until_idle=True, progress_total=report.jobs
+        settings,
+        worker_id=name,
+        until_idle=True,
+        progress_total=published.jobs,
+        embedder=embedder,
     )
     return stats.indexed, time.perf_counter() - t0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small corpus, done in ~1 minute")
-    parser.add_argument("--json", action="store_true")
+    parser = bench_parser(__doc__.splitlines()[0], quick_help="small corpus, done in ~1 minute")
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--baseline-batch", type=int, default=32)
     args = parser.parse_args()
@@ -151,15 +170,14 @@ def main() -> int:
         "baseline_images_per_s": round(base_rate, 2),
         "baseline_batch": args.baseline_batch,
         "ratio": round(proj_rate / base_rate, 3),
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
+        **host_figures(),
     }
-    print(f"project : {proj_n} images in {proj_s:.1f} s = {proj_rate:.1f} images/s")
-    print(f"baseline: {base_n} images in {base_s:.1f} s = {base_rate:.1f} images/s")
-    print(f"ratio   : {result['ratio']}x")
-    if args.json:
-        print(orjson.dumps(result).decode())
-    return 0
+    lines = [
+        f"project : {proj_n} images in {proj_s:.1f} s = {proj_rate:.1f} images/s",
+        f"baseline: {base_n} images in {base_s:.1f} s = {base_rate:.1f} images/s",
+        f"ratio   : {result['ratio']}x",
+    ]
+    return report(result, lines, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ sys.path[:] = [str(_BENCH_DIR.parent)] + [
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -45,7 +44,8 @@ from typing import Any  # noqa: E402
 
 import orjson  # noqa: E402
 
-RABBITMQ_URL = os.environ.get("IMGFLEET_BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+from bench._harness import bench_parser, machine_summary, report  # noqa: E402
+from bench._rabbitmq import RABBITMQ_URL, fresh_topology, naive_queue  # noqa: E402
 
 
 def write_catalogue(path: Path, rows: int) -> int:
@@ -119,15 +119,13 @@ async def _project_child(catalogue: Path, workdir: Path) -> dict[str, Any]:
     from common.observability.logging import configure_logging
 
     configure_logging("console", "warning")
-    broker = RabbitMQBroker(settings.broker)
-    await broker.connect()
     storage = LocalStorage(workdir / "store")
-    # Everything imported and connected: what the run adds on top is its own memory.
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     p = settings.producer
-    try:
+    async with fresh_topology(RabbitMQBroker(settings.broker)) as broker:
+        # Everything imported and connected: what the run adds on top is its own memory.
+        baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
-        report = await CatalogueRun(
+        run_report = await CatalogueRun(
             RunOptions(
                 run_id="bench",
                 source=str(catalogue),
@@ -142,13 +140,10 @@ async def _project_child(catalogue: Path, workdir: Path) -> dict[str, Any]:
         ).run(lambda: open_catalogue(catalogue))
         elapsed = time.perf_counter() - start
         depth = sum((await broker.depths()).values())
-    finally:
-        await broker.delete_topology()
-        await broker.close()
     snapshot = storage.local_path("runs/bench/images.npz")
     return {
-        "rows": report.rows,
-        "jobs": report.jobs,
+        "rows": run_report.rows,
+        "jobs": run_report.jobs,
         "elapsed_s": elapsed,
         "queued_messages": depth,
         "snapshot_bytes": snapshot.stat().st_size if snapshot else 0,
@@ -159,15 +154,8 @@ async def _project_child(catalogue: Path, workdir: Path) -> dict[str, Any]:
 async def _naive_child(catalogue: Path) -> dict[str, Any]:
     import json
 
-    import aio_pika
-
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    channel = await connection.channel(publisher_confirms=True)
-    queue = await channel.declare_queue(
-        f"bench-naive-{uuid.uuid4().hex[:8]}", durable=True, arguments={"x-queue-type": "quorum"}
-    )
     rows = jobs = 0
-    try:
+    async with naive_queue() as naive:
         start = time.perf_counter()
         with catalogue.open() as fh:
             for line in fh:
@@ -189,15 +177,9 @@ async def _naive_child(catalogue: Path) -> dict[str, Any]:
                             "version": row.get("version", 0),
                         }
                     ).encode()
-                    await channel.default_exchange.publish(
-                        aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                        routing_key=queue.name,
-                    )
+                    await naive.publish(body)
                     jobs += 1
         elapsed = time.perf_counter() - start
-    finally:
-        await queue.delete(if_unused=False, if_empty=False)
-        await connection.close()
     return {"rows": rows, "jobs": jobs, "elapsed_s": elapsed}
 
 
@@ -227,9 +209,7 @@ def _run_side(side: str, catalogue: Path, workdir: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="200k rows, done in ~2 minutes")
-    parser.add_argument("--json", action="store_true")
+    parser = bench_parser(__doc__.splitlines()[0], quick_help="200k rows, done in ~2 minutes")
     parser.add_argument("--rows", type=int, help="catalogue rows (default 1M; --quick 200k)")
     parser.add_argument(
         "--child", nargs=3, metavar=("SIDE", "FILE", "WORKDIR"), help=argparse.SUPPRESS
@@ -255,7 +235,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "bench": "produce",
         "quick": args.quick,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "machine": machine_summary(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "rows": project["rows"],
         "catalogue_mb": round(catalogue_mb, 1),
@@ -274,20 +254,16 @@ def main() -> int:
         "naive_maxrss_mb": naive["maxrss_mb"],
     }
     result["ratio"] = result["project_rows_per_s"] / result["naive_rows_per_s"]
-    print(
+    lines = [
         f"project: {result['rows']:,} rows -> {result['project_jobs']:,} confirmed jobs, "
         f"{result['project_rows_per_s']:,.0f} rows/s ({result['project_jobs_per_s']:,.0f} jobs/s), "
         f"max RSS {result['project_maxrss_mb']:,.0f} MB "
-        f"({result['project_run_bytes_per_row']:.0f} bytes/row above start-up)"
-    )
-    print(
+        f"({result['project_run_bytes_per_row']:.0f} bytes/row above start-up)",
         f"naive:   {result['naive_rows']:,} rows, {result['naive_rows_per_s']:,.0f} rows/s "
-        f"({result['naive_jobs_per_s']:,.0f} jobs/s), max RSS {result['naive_maxrss_mb']:,.0f} MB"
-    )
-    print(f"ratio (rows/s): {result['ratio']:.1f}x")
-    if args.json:
-        print(orjson.dumps(result).decode())
-    return 0
+        f"({result['naive_jobs_per_s']:,.0f} jobs/s), max RSS {result['naive_maxrss_mb']:,.0f} MB",
+        f"ratio (rows/s): {result['ratio']:.1f}x",
+    ]
+    return report(result, lines, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -31,21 +31,19 @@ sys.path[:] = [str(_BENCH_DIR.parent)] + [
     p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR
 ]
 
-import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
 from typing import Any  # noqa: E402
 
-import orjson  # noqa: E402
-
+from bench._harness import bench_parser, machine_summary, report  # noqa: E402
+from bench._rabbitmq import RABBITMQ_URL, fresh_topology, naive_queue  # noqa: E402
 from common.brokers.rabbitmq.broker import RabbitMQBroker  # noqa: E402
 from common.config import load_settings  # noqa: E402
 from common.schema import Job  # noqa: E402
 
-RABBITMQ_URL = os.environ.get("IMGFLEET_BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PUBLISH_CALL_JOBS = 500
 
 
@@ -56,60 +54,47 @@ def _jobs(n: int, tag: str) -> list[Job]:
     ]
 
 
-def _broker(prefix: str, jobs_per_message: int, prefetch: int = 512) -> RabbitMQBroker:
+@asynccontextmanager
+async def _project_broker(jobs_per_message: int, prefetch: int = 512) -> AsyncIterator[Any]:
+    """The adapter on fresh queues of its own, connected; deleted afterwards."""
     settings = load_settings(
         broker={
             "kind": "rabbitmq",
             "url": RABBITMQ_URL,
-            "name_prefix": prefix,
+            "name_prefix": f"bench-{uuid.uuid4().hex[:8]}",
             "rabbitmq": {"jobs_per_message": jobs_per_message},
         }
     )
-    return RabbitMQBroker(settings.broker, prefetch=prefetch)
+    async with fresh_topology(RabbitMQBroker(settings.broker, prefetch=prefetch)) as broker:
+        yield broker
+
+
+async def _publish_all(broker: RabbitMQBroker, jobs: list[Job]) -> None:
+    """``jobs`` in calls of PUBLISH_CALL_JOBS, as ``imgfleet produce`` publishes."""
+    for i in range(0, len(jobs), PUBLISH_CALL_JOBS):
+        await broker.publish(jobs[i : i + PUBLISH_CALL_JOBS])
 
 
 async def _project_publish(jobs: list[Job], jobs_per_message: int) -> float:
-    broker = _broker(f"bench-{uuid.uuid4().hex[:8]}", jobs_per_message)
-    await broker.connect()
-    try:
+    async with _project_broker(jobs_per_message) as broker:
         start = time.perf_counter()
-        for i in range(0, len(jobs), PUBLISH_CALL_JOBS):
-            await broker.publish(jobs[i : i + PUBLISH_CALL_JOBS])
+        await _publish_all(broker, jobs)
         elapsed = time.perf_counter() - start
-    finally:
-        await broker.delete_topology()
-        await broker.close()
     return len(jobs) / elapsed
 
 
 async def _naive_publish(jobs: list[Job]) -> float:
-    import aio_pika
-
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    channel = await connection.channel(publisher_confirms=True)
-    queue = await channel.declare_queue(
-        f"bench-naive-{uuid.uuid4().hex[:8]}", durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    try:
+    async with naive_queue() as naive:
         start = time.perf_counter()
         for job in jobs:
-            await channel.default_exchange.publish(
-                aio_pika.Message(job.to_bytes(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=queue.name,
-            )
+            await naive.publish(job.to_bytes())
         elapsed = time.perf_counter() - start
-    finally:
-        await queue.delete(if_unused=False, if_empty=False)
-        await connection.close()
     return len(jobs) / elapsed
 
 
 async def _project_consume(jobs: list[Job]) -> float:
-    broker = _broker(f"bench-{uuid.uuid4().hex[:8]}", 100, prefetch=512)
-    await broker.connect()
-    try:
-        for i in range(0, len(jobs), PUBLISH_CALL_JOBS):
-            await broker.publish(jobs[i : i + PUBLISH_CALL_JOBS])
+    async with _project_broker(100, prefetch=512) as broker:
+        await _publish_all(broker, jobs)
         stream = broker.consume()
         batch = []
         start = time.perf_counter()
@@ -122,37 +107,22 @@ async def _project_consume(jobs: list[Job]) -> float:
         elapsed = time.perf_counter() - start
         await stream.aclose()  # type: ignore[attr-defined]
         assert await broker.pending() == 0, "acked jobs are still queued"
-    finally:
-        await broker.delete_topology()
-        await broker.close()
     return len(jobs) / elapsed
 
 
 async def _naive_consume(jobs: list[Job]) -> float:
-    import aio_pika
-
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    channel = await connection.channel(publisher_confirms=True)
-    queue = await channel.declare_queue(
-        f"bench-naive-{uuid.uuid4().hex[:8]}", durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    try:
+    async with naive_queue() as naive:
         # Filling the queue uses a window of publishes: only the consuming is timed.
         semaphore = asyncio.Semaphore(64)
 
         async def put(job: Job) -> None:
             async with semaphore:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        job.to_bytes(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                    ),
-                    routing_key=queue.name,
-                )
+                await naive.publish(job.to_bytes())
 
         await asyncio.gather(*(put(job) for job in jobs))
-        consume_channel = await connection.channel()
+        consume_channel = await naive.connection.channel()
         await consume_channel.set_qos(prefetch_count=1)
-        consume_queue = await consume_channel.get_queue(queue.name)
+        consume_queue = await consume_channel.get_queue(naive.queue.name)
         start = time.perf_counter()
         seen = 0
         async with consume_queue.iterator() as messages:
@@ -163,9 +133,6 @@ async def _naive_consume(jobs: list[Job]) -> float:
                 if seen == len(jobs):
                     break
         elapsed = time.perf_counter() - start
-    finally:
-        await queue.delete(if_unused=False, if_empty=False)
-        await connection.close()
     return len(jobs) / elapsed
 
 
@@ -199,16 +166,14 @@ async def _rabbitmq(quick: bool) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer jobs, done in ~1 minute")
-    parser.add_argument("--json", action="store_true")
+    parser = bench_parser(__doc__.splitlines()[0], quick_help="fewer jobs, done in ~1 minute")
     parser.add_argument("--transport", choices=["rabbitmq", "kafka", "all"], default="rabbitmq")
     args = parser.parse_args()
 
     result: dict[str, Any] = {
         "bench": "queue",
         "quick": args.quick,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
+        "machine": machine_summary(),
     }
     if args.transport in ("rabbitmq", "all"):
         result.update(asyncio.run(_rabbitmq(args.quick)))
@@ -237,9 +202,7 @@ def main() -> int:
         print("Kafka:", ", ".join(f"{k}={v:,.1f}" for k, v in kafka.items()))
         if "ratio" not in result:
             result["ratio"] = kafka.get("ratio", 0.0)
-    if args.json:
-        print(orjson.dumps(result).decode())
-    return 0
+    return report(result, as_json=args.json)
 
 
 if __name__ == "__main__":

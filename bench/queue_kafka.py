@@ -30,10 +30,7 @@ sys.path[:] = [str(_BENCH_DIR.parent)] + [
     p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR
 ]
 
-import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
@@ -41,7 +38,7 @@ from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from typing import Any  # noqa: E402
 
-import orjson  # noqa: E402
+from bench._harness import bench_parser, host_figures, report  # noqa: E402
 
 SESSION_TIMEOUT_MS = 6000
 PUBLISH_BATCH = 500
@@ -89,11 +86,11 @@ def _jobs(n: int) -> list[Any]:
 
 
 async def _adapter_side(bootstrap: str, n: int) -> tuple[float, float]:
-    from common.brokers.kafka.broker import KafkaBroker
+    from imgfleet.factories import kafka_broker
 
     config = _broker_config(bootstrap)
     jobs = _jobs(n)
-    broker = KafkaBroker.from_config(config)
+    broker = kafka_broker(config)
     await broker.connect()
     t0 = time.perf_counter()
     for start in range(0, n, PUBLISH_BATCH):
@@ -185,33 +182,25 @@ def run_kafka_bench(quick: bool) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="20k records (default 100k)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser = bench_parser(
+        __doc__.split("\n\n")[0],
+        quick_help="20k records (default 100k)",
+        json_help="print one JSON object last",
+    )
     args = parser.parse_args()
     from common.observability.logging import configure_logging
 
     configure_logging("console", "warning")
     r = run_kafka_bench(args.quick)
-    print(
+    lines = [
         f"produce        : adapter {r['kafka_produce_rps']:>10,.0f} records/s   "
         f"naive {r['kafka_produce_naive_rps']:>8,.0f} records/s   "
-        f"ratio {r['kafka_produce_ratio']}x"
-    )
-    print(
+        f"ratio {r['kafka_produce_ratio']}x",
         f"consume+commit : adapter {r['kafka_consume_rps']:>10,.0f} records/s   "
         f"naive {r['kafka_consume_naive_rps']:>8,.0f} records/s   "
-        f"ratio {r['kafka_consume_ratio']}x"
-    )
-    if args.json:
-        result = {
-            **r,
-            "ratio": r["kafka_ratio"],
-            "cpus": os.cpu_count(),
-            "machine": platform.machine(),
-        }
-        print(orjson.dumps(result).decode())
-    return 0
+        f"ratio {r['kafka_consume_ratio']}x",
+    ]
+    return report({**r, "ratio": r["kafka_ratio"], **host_figures()}, lines, as_json=args.json)
 
 
 if __name__ == "__main__":
