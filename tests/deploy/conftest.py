@@ -11,11 +11,15 @@ import yaml
 from tests.deploy.artifacts import COMPOSE_PATH, DASHBOARD_PATH, K8S, yaml_docs
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    data = yaml.safe_load(COMPOSE_PATH.read_text())
+def _mapping(data: Any) -> dict[str, Any]:
+    """A parsed file that must be one mapping at its top."""
     assert isinstance(data, dict)
     return data
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return _mapping(yaml.safe_load(COMPOSE_PATH.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +29,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
-    data = json.loads(DASHBOARD_PATH.read_text())
-    assert isinstance(data, dict)
-    return data
+    return _mapping(json.loads(DASHBOARD_PATH.read_text()))
 
 
 @pytest.fixture(scope="module")

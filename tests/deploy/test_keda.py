@@ -11,13 +11,21 @@ from common.config import BrokerConfig, KafkaConfig
 from tests.deploy.artifacts import K8S, configmap_settings, yaml_docs
 
 
-def _scaled_object(manifests: dict[tuple[str, str], dict[str, Any]], name: str) -> dict[str, Any]:
-    scaled = manifests[("ScaledObject", name)]
-    spec = scaled["spec"]
+def _triggers(
+    manifests: dict[tuple[str, str], dict[str, Any]], name: str, trigger_type: str
+) -> list[dict[str, Any]]:
+    """The triggers of the worker's ScaledObject ``name``, each of ``trigger_type``."""
+    spec = manifests[("ScaledObject", name)]["spec"]
     assert spec["scaleTargetRef"]["name"] == "imgfleet-worker"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     assert spec["cooldownPeriod"] > 0
-    return scaled
+    triggers: list[dict[str, Any]] = spec["triggers"]
+    assert {t["type"] for t in triggers} == {trigger_type}
+    return triggers
+
+
+def _secret_keys(manifests: dict[tuple[str, str], dict[str, Any]]) -> set[str]:
+    return set(manifests[("Secret", "imgfleet-secrets")]["stringData"])
 
 
 def _trigger_auth_keys(
@@ -32,16 +40,14 @@ def _trigger_auth_keys(
 def test_keda_rabbitmq_scales_on_the_real_work_queues(
     manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
-    scaled = _scaled_object(manifests, "imgfleet-worker-rabbitmq")
-    triggers = scaled["spec"]["triggers"]
-    assert {t["type"] for t in triggers} == {"rabbitmq"}
+    triggers = _triggers(manifests, "imgfleet-worker-rabbitmq", "rabbitmq")
     prefix = BrokerConfig().name_prefix
     assert configmap_settings(manifests, tmp_path).broker.name_prefix == prefix
     topology = Topology(prefix, "quorum", ())
     assert {t["metadata"]["queueName"] for t in triggers} == {
         topology.work_queue(lane) for lane in LANES
     }
-    secret_keys = set(manifests[("Secret", "imgfleet-secrets")]["stringData"])
+    secret_keys = _secret_keys(manifests)
     for trigger in triggers:
         assert trigger["metadata"]["mode"] == "QueueLength"
         assert float(trigger["metadata"]["value"]) > 0
@@ -53,9 +59,7 @@ def test_keda_rabbitmq_scales_on_the_real_work_queues(
 def test_keda_kafka_scales_on_the_real_topics_and_group(
     manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
-    scaled = _scaled_object(manifests, "imgfleet-worker-kafka")
-    triggers = scaled["spec"]["triggers"]
-    assert {t["type"] for t in triggers} == {"kafka"}
+    triggers = _triggers(manifests, "imgfleet-worker-kafka", "kafka")
     settings = configmap_settings(manifests, tmp_path)
     topics = KafkaTopics.build(BrokerConfig().name_prefix, KafkaConfig().retry_delays_s)
     configured = KafkaTopics.build(
@@ -63,7 +67,7 @@ def test_keda_kafka_scales_on_the_real_topics_and_group(
     )
     assert topics == configured
     assert {t["metadata"]["topic"] for t in triggers} == {topics.for_lane(lane) for lane in LANES}
-    secret_keys = set(manifests[("Secret", "imgfleet-secrets")]["stringData"])
+    secret_keys = _secret_keys(manifests)
     for trigger in triggers:
         meta = trigger["metadata"]
         assert meta["consumerGroup"] == KafkaConfig().group_id == settings.broker.kafka.group_id

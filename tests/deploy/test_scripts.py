@@ -147,38 +147,32 @@ def test_nightly_run_id_defaults_to_the_utc_date(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_nightly_stops_at_once_on_other_failures(tmp_path: Path) -> None:
-    code, calls, _ = _nightly(
-        tmp_path, "cat.jsonl", "r1", FINALIZE_CODE="2", FINALIZE_OK_AFTER="99"
+@pytest.mark.parametrize(
+    ("run_id", "finalize", "exit_code", "says"),
+    [
+        ("r1", {"FINALIZE_CODE": "2"}, 2, ""),  # other failures: stop at once
+        ("r3", {"FINALIZE_TIMEOUT_S": "0"}, 1, "not published"),  # it gives up in time
+        ("r4", {"FINALIZE_CODE": "5"}, 0, "superseded"),  # a superseded run is done
+        ("r5", {"FINALIZE_CODE": "6"}, 6, "another catalogue"),  # another catalogue stops
+    ],
+    ids=["other-failure", "timeout", "superseded", "another-catalogue"],
+)
+def test_nightly_finalizes_once_where_waiting_cannot_help(
+    tmp_path: Path, run_id: str, finalize: dict[str, str], exit_code: int, says: str
+) -> None:
+    code, calls, output = _nightly(
+        tmp_path, "cat.jsonl", run_id, FINALIZE_OK_AFTER="99", **finalize
     )
-    assert code == 2
-    assert calls == ["produce catalogue cat.jsonl --run-id r1", "index finalize --run r1"]
+    assert code == exit_code, output
+    assert calls == [
+        f"produce catalogue cat.jsonl --run-id {run_id}",
+        f"index finalize --run {run_id}",
+    ]
+    assert says in output
+
+
+@pytest.mark.integration
+def test_nightly_finalizes_nothing_when_the_produce_fails(tmp_path: Path) -> None:
     code, calls, _ = _nightly(tmp_path, "cat.jsonl", "r2", PRODUCE_CODE="1")
     assert code == 1
     assert calls == ["produce catalogue cat.jsonl --run-id r2"]  # nothing to finalise
-
-
-@pytest.mark.integration
-def test_nightly_gives_up_after_its_timeout(tmp_path: Path) -> None:
-    code, calls, output = _nightly(
-        tmp_path, "cat.jsonl", "r3", FINALIZE_OK_AFTER="99", FINALIZE_TIMEOUT_S="0"
-    )
-    assert code == 1
-    assert calls == ["produce catalogue cat.jsonl --run-id r3", "index finalize --run r3"]
-    assert "not published" in output
-
-
-@pytest.mark.integration
-def test_nightly_superseded_run_is_done_and_another_catalogue_stops(tmp_path: Path) -> None:
-    code, calls, output = _nightly(
-        tmp_path, "cat.jsonl", "r4", FINALIZE_CODE="5", FINALIZE_OK_AFTER="99"
-    )
-    assert code == 0, output
-    assert calls == ["produce catalogue cat.jsonl --run-id r4", "index finalize --run r4"]
-    assert "superseded" in output
-    code, calls, output = _nightly(
-        tmp_path, "cat.jsonl", "r5", FINALIZE_CODE="6", FINALIZE_OK_AFTER="99"
-    )
-    assert code == 6
-    assert calls == ["produce catalogue cat.jsonl --run-id r5", "index finalize --run r5"]
-    assert "another catalogue" in output

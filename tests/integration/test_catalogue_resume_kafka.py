@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from common.brokers.kafka.broker import KafkaBroker
 from common.brokers.kafka.client import LogReader, client_settings
 from common.brokers.kafka.topics import KafkaTopics
 from common.config import BrokerConfig
 from common.schema import Job, decode_job
 from common.storage.local import LocalStorage
+from imgfleet.factories import kafka_broker
 from imgfleet.run_registry import IndexRunRegistry
 from index.runs import read_run
 from producers.catalogue.reader import open_catalogue
@@ -53,7 +53,7 @@ def test_resume_after_a_crash_between_confirm_and_checkpoint(
     storage = LocalStorage(tmp_path / "store")
 
     async def run(**options: Any) -> PublishReport:
-        broker = KafkaBroker.from_config(config)
+        broker = kafka_broker(config)
         await broker.connect()
         try:
             return await CatalogueRun(

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,30 +39,26 @@ from common.schema import Job, Op, decode_job
 from common.storage.local import LocalStorage
 from imgfleet.run_registry import IndexRunRegistry
 from index.runs import read_run
-from index.segments import SegmentWriter, VectorRecord
 from producers.catalogue.reader import open_catalogue
 from producers.nightly.checkpoint import load_checkpoint
 from producers.nightly.run import CatalogueRun, RunOptions
 from producers.nightly.upserts import PublishReport
 from tests.support.catalogue_factory import Written, write_catalogue
 from tests.support.faulty_cli import FAULTY_CLI, KILL_AFTER_JOBS_ENV
+from tests.support.fleet import REPO_ROOT, broker_env
 from tests.support.rabbitmq import RabbitFleet, broker_config
+from tests.support.segments import write_job_records
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(root: Path, url: str, prefix: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "IMGFLEET_BROKER__KIND": "rabbitmq",
-        "IMGFLEET_BROKER__URL": url,
-        "IMGFLEET_BROKER__NAME_PREFIX": prefix,
-        "IMGFLEET_BROKER__RETRY_BASE_S": "0.1",
-        "IMGFLEET_BROKER__RETRY_MAX_S": "0.4",
-        "IMGFLEET_BROKER__MAX_ATTEMPTS": "4",
+        **broker_env(
+            "rabbitmq", url, prefix, RETRY_BASE_S="0.1", RETRY_MAX_S="0.4", MAX_ATTEMPTS="4"
+        ),
         "IMGFLEET_STORAGE__ROOT": str(root / "store"),
         "IMGFLEET_PRODUCER__CATALOGUE_NAME": "shop",
         "IMGFLEET_LOGGING__LEVEL": "warning",
@@ -168,16 +165,33 @@ async def _ledger_depth(config: BrokerConfig, run_id: str) -> int | None:
         await broker.close()
 
 
+@dataclass
+class Nights:
+    """A test's catalogue runs: their broker, the environment of its `imgfleet` processes,
+    and the run ids (``ledgers``) whose ledger queues are deleted after the test."""
+
+    root: Path
+    url: str
+    prefix: str
+    ledgers: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> BrokerConfig:
+        return broker_config(self.url, self.prefix)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return _env(self.root, self.url, self.prefix, **extra)
+
+
 @pytest.fixture
-def ledgers(rabbitmq_url: str, rabbit_prefix: str) -> Iterator[list[str]]:
-    """Run ids whose ledger queues are deleted after the test, whatever happened."""
-    run_ids: list[str] = []
-    yield run_ids
+def nights(tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str) -> Iterator[Nights]:
+    runs = Nights(tmp_path, rabbitmq_url, rabbit_prefix)
+    yield runs
 
     async def drop() -> None:
-        broker = RabbitMQBroker(broker_config(rabbitmq_url, rabbit_prefix))
+        broker = RabbitMQBroker(runs.config)
         await broker.connect()
-        for run_id in run_ids:
+        for run_id in runs.ledgers:
             with contextlib.suppress(Exception):
                 await broker.drop_ledger(run_id)
         await broker.close()
@@ -187,22 +201,14 @@ def ledgers(rabbitmq_url: str, rabbit_prefix: str) -> Iterator[list[str]]:
 
 def _write_segments(store: Path, jobs: list[Job]) -> None:
     """One record per job, as the workers would write them (tiny vectors)."""
-    writer = SegmentWriter(LocalStorage(store), 4, "stand-in")
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((len(jobs), 8)).astype(np.float32)
-    for job, vector in zip(jobs, vectors, strict=True):
-        writer.add(
-            VectorRecord(
-                image_id=job.image_id,
-                item_id=job.item_id,
-                version=job.version,
-                content_hash="h",
-                model_id="stand-in",
-                vector=None if job.op is Op.DELETE else vector / np.linalg.norm(vector),
-                run_id=job.run_id,
-            )
-        )
-    writer.flush()
+    vectors = iter(rng.standard_normal((len(jobs), 8)).astype(np.float32))
+
+    def vector_of(job: Job) -> np.ndarray | None:
+        vector = next(vectors)
+        return None if job.op is Op.DELETE else vector / np.linalg.norm(vector)
+
+    write_job_records(LocalStorage(store), 4, "stand-in", jobs, vector_of)
 
 
 def test_end_to_end_with_workers_then_finalize(rabbit_fleet: RabbitFleet) -> None:
@@ -237,12 +243,9 @@ def test_end_to_end_with_workers_then_finalize(rabbit_fleet: RabbitFleet) -> Non
     assert final["accounted_jobs"] == expected_jobs and final["dead_lettered_jobs"] > 0
 
 
-def test_100k_rows_publish_every_job_once_and_finalize(
-    tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str, ledgers: list[str]
-) -> None:
-    ledgers.append("night-1")
-    config = broker_config(rabbitmq_url, rabbit_prefix)
-    env = _env(tmp_path, rabbitmq_url, rabbit_prefix)
+def test_100k_rows_publish_every_job_once_and_finalize(tmp_path: Path, nights: Nights) -> None:
+    nights.ledgers.append("night-1")
+    config, env = nights.config, nights.env()
     first = write_catalogue(tmp_path / "first.jsonl", 97_300)
     assert first.rows >= 100_000
     rejects = tmp_path / "rejects.jsonl"
@@ -262,12 +265,9 @@ def test_100k_rows_publish_every_job_once_and_finalize(
     assert record["finalized"] is True and record["indexed_jobs"] == len(first.images)
 
 
-def test_deletes_of_a_second_run_and_the_guard(
-    tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str, ledgers: list[str]
-) -> None:
-    ledgers += ["night-1", "night-2", "night-3"]
-    config = broker_config(rabbitmq_url, rabbit_prefix)
-    env = _env(tmp_path, rabbitmq_url, rabbit_prefix)
+def test_deletes_of_a_second_run_and_the_guard(tmp_path: Path, nights: Nights) -> None:
+    nights.ledgers += ["night-1", "night-2", "night-3"]
+    config, env = nights.config, nights.env()
     first = write_catalogue(tmp_path / "first.jsonl", 20_000)
     asyncio.run(_run_in_process(tmp_path, config, "night-1", first.path))
     asyncio.run(_drain(config))
@@ -303,14 +303,9 @@ def test_deletes_of_a_second_run_and_the_guard(
     assert read_run(LocalStorage(tmp_path / "store"), "night-3").state == "published"
 
 
-def test_sigkill_mid_run_then_resume(
-    tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str, ledgers: list[str]
-) -> None:
-    ledgers.append("night-k")
-    config = broker_config(rabbitmq_url, rabbit_prefix)
-    env = _env(
-        tmp_path, rabbitmq_url, rabbit_prefix, IMGFLEET_PRODUCER__CHECKPOINT_INTERVAL_S="0.3"
-    )
+def test_sigkill_mid_run_then_resume(tmp_path: Path, nights: Nights) -> None:
+    nights.ledgers.append("night-k")
+    config, env = nights.config, nights.env(IMGFLEET_PRODUCER__CHECKPOINT_INTERVAL_S="0.3")
     written = write_catalogue(tmp_path / "cat.jsonl", 10_000)
     producer = subprocess.Popen(
         [
@@ -354,18 +349,15 @@ def test_sigkill_mid_run_then_resume(
     _assert_exactly_once(asyncio.run(_drain(config)), written.job_ids("night-k"))
 
 
-def test_kill_between_confirm_and_checkpoint_then_resume(
-    tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str, ledgers: list[str]
-) -> None:
-    ledgers.append("night-x")
-    config = broker_config(rabbitmq_url, rabbit_prefix)
+def test_kill_between_confirm_and_checkpoint_then_resume(tmp_path: Path, nights: Nights) -> None:
+    nights.ledgers.append("night-x")
     # A small ledger (256 messages): checkpoints are forced by its bound, not by time.
-    env = _env(
-        tmp_path,
-        rabbitmq_url,
-        rabbit_prefix,
-        IMGFLEET_BROKER__RABBITMQ__LEDGER_MAX_MESSAGES="256",
-        IMGFLEET_PRODUCER__CHECKPOINT_INTERVAL_S="3600",
+    config, env = (
+        nights.config,
+        nights.env(
+            IMGFLEET_BROKER__RABBITMQ__LEDGER_MAX_MESSAGES="256",
+            IMGFLEET_PRODUCER__CHECKPOINT_INTERVAL_S="3600",
+        ),
     )
     written = write_catalogue(tmp_path / "cat.jsonl", 20_000)
     killed = _imgfleet(

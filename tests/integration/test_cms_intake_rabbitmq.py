@@ -33,6 +33,7 @@ from index.search import Searcher
 from producers.cms.app import Intake
 from producers.cms.client import CmsClient, CmsRequestError
 from producers.cms.idempotency import Claim, IdempotencyStore
+from tests.support.aio import ask
 from tests.support.cms_server import IntakeThread
 from tests.support.fleet import REPO_ROOT
 from tests.support.rabbitmq import RabbitFleet, broker_config, rabbit_settings
@@ -88,15 +89,7 @@ def _client(server: IntakeThread, **kw: Any) -> CmsClient:
 
 
 def _depths(url: str, prefix: str) -> dict[str, int]:
-    async def read() -> dict[str, int]:
-        broker = RabbitMQBroker(broker_config(url, prefix))
-        await broker.connect()
-        try:
-            return await broker.depths()
-        finally:
-            await broker.close()
-
-    return asyncio.run(read())
+    return ask(RabbitMQBroker(broker_config(url, prefix)), lambda broker: broker.depths())
 
 
 def _drain(url: str, prefix: str, expected: int, timeout_s: float = 20) -> list[Job]:

@@ -7,7 +7,7 @@ job is dead-lettered twice, and the group has nothing left uncommitted.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +29,8 @@ from imgfleet.demo.run import check_outcomes
 from index.publish import build_generation
 from index.search import Searcher
 from index.segments import list_segments, read_segment
+from tests.support.aio import ask
+from tests.support.fleet import kill_when, reaped
 from tests.support.kafka import KafkaFleet
 from tests.support.waiting import wait_for
 
@@ -41,14 +43,7 @@ DEFAULTS_FIRST_SEGMENT_S = 60
 
 
 def _kafka(fleet: KafkaFleet, fn: Any) -> Any:
-    async def go() -> Any:
-        broker = fleet.broker()
-        try:
-            return await fn(broker)
-        finally:
-            await broker.close()
-
-    return asyncio.run(go())
+    return ask(fleet.broker(), fn)
 
 
 def _produce(fleet: KafkaFleet) -> int:
@@ -62,16 +57,14 @@ def _segments(fleet: KafkaFleet) -> list[str]:
 
 def _finish(*procs: subprocess.Popen[bytes]) -> list[str]:
     logs = []
-    try:
+    with contextlib.ExitStack() as running:
+        for proc in procs:
+            running.enter_context(reaped(proc))
         for proc in procs:
             code = proc.wait(WORKER_TIMEOUT_S)
             log = proc.stdout.read().decode() if proc.stdout else ""
             assert code == 0, log[-4000:]
             logs.append(log)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
     return logs
 
 
@@ -161,17 +154,12 @@ def test_kill9_of_one_worker_rebalances_to_the_survivor_and_loses_nothing(
     jobs = _produce(fleet)
     steady = fleet.spawn("work", "--until-idle", "--worker-id", "steady")
     victim = fleet.spawn("work", "--worker-id", "victim")
-    try:
-        wait_for(
-            lambda: any("-victim-" in key for key in _segments(fleet)),
-            WORKER_TIMEOUT_S,
-            "the victim's first segment",
-        )
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait(10)
-    finally:
-        if victim.poll() is None:
-            os.killpg(victim.pid, signal.SIGKILL)
+    kill_when(
+        victim,
+        lambda: any("-victim-" in key for key in _segments(fleet)),
+        WORKER_TIMEOUT_S,
+        "the victim's first segment",
+    )
     # The survivor gets the victim's partitions once its session expires, resumes at their
     # committed offsets, and only then finds the group drained.
     [log] = _finish(steady)
@@ -222,11 +210,8 @@ def test_a_live_job_overtakes_a_bulk_backlog(kafka_fleet: KafkaFleet) -> None:
         backlog_left = _kafka(fleet, lambda broker: broker.pending())
     finally:
         worker.send_signal(signal.SIGTERM)  # graceful: drain, commit, leave the group
-        try:
+        with reaped(worker):
             code = worker.wait(60)
-        finally:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
     # The live job did not wait for the 600 bulk jobs queued before it.
     assert backlog_left > 100, backlog_left
     log = worker.stdout.read().decode() if worker.stdout else ""

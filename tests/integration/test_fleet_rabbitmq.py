@@ -6,9 +6,7 @@ exactly once, every bad one in the DLQ exactly once with its reason.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
 import threading
 import time
@@ -19,12 +17,12 @@ import orjson
 import pytest
 from PIL import Image
 
-from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.identity import image_id_for
 from common.schema import SCHEMA_VERSION, Job, Lane, decode_job
 from common.storage.local import LocalStorage
 from index.segments import list_segments, read_segment
 from tests.support.faulty_image_server import FaultyImageServer
+from tests.support.fleet import kill_when, reaped
 from tests.support.rabbitmq import RabbitFleet, drain_image_ids
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_for
@@ -38,6 +36,11 @@ def _segment_image_ids(store_root: Path) -> Counter[int]:
     for key in list_segments(storage):
         ids.update(record.image_id for record in read_segment(storage, key).records())
     return ids
+
+
+def _indexed(fleet: RabbitFleet) -> int:
+    """Records in the fleet's segments so far."""
+    return sum(_segment_image_ids(fleet.store_root).values())
 
 
 def _produce(fleet: RabbitFleet, catalogue: Path, *extra: str) -> int:
@@ -96,18 +99,8 @@ def test_kill9_mid_run_then_restart_loses_and_duplicates_nothing(
 ) -> None:
     jobs = _produce(rabbit_fleet, rabbit_fleet.write_big_catalogue(600))
     victim = rabbit_fleet.spawn("work", "--worker-id", "victim")
-    try:
-        wait_for(
-            lambda: sum(_segment_image_ids(rabbit_fleet.store_root).values()) >= 60,
-            180,
-            "the first segments",
-        )
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait(10)
-    finally:
-        if victim.poll() is None:
-            os.killpg(victim.pid, signal.SIGKILL)
-    assert sum(_segment_image_ids(rabbit_fleet.store_root).values()) < jobs, "finished too soon"
+    kill_when(victim, lambda: _indexed(rabbit_fleet) >= 60, 180, "the first segments")
+    assert _indexed(rabbit_fleet) < jobs, "finished too soon"
     rabbit_fleet.run("work", "--until-idle", "--worker-id", "survivor", timeout_s=600)
     _assert_every_job_settled_once(rabbit_fleet, jobs)
 
@@ -125,7 +118,7 @@ def test_connection_cuts_during_a_run_lose_and_duplicate_nothing(
             last = 0
             while not stop.is_set() and len(cuts) < 4:
                 time.sleep(1.5)
-                done = sum(_segment_image_ids(rabbit_fleet.store_root).values())
+                done = _indexed(rabbit_fleet)
                 if done > last:
                     cuts.append(proxy.cut_all())
                     last = done
@@ -176,14 +169,7 @@ def test_poison_jobs_dead_letter_once_and_transient_failures_recover(
             ),
         }
 
-        async def publish() -> None:
-            broker = RabbitMQBroker(rabbit_fleet.config)
-            await broker.connect()
-            await broker.publish([*good, *bad.values()])
-            await broker.publish_raw(list(raw.values()))
-            await broker.close()
-
-        asyncio.run(publish())
+        rabbit_fleet.publish([*good, *bad.values()], list(raw.values()))
         rabbit_fleet.run("work", "--until-idle", "--worker-id", "poison", timeout_s=300)
         assert server.request_count("/poison/flaky.jpg") == 3
 
@@ -214,32 +200,18 @@ def test_a_live_job_overtakes_20k_bulk_jobs_and_sigterm_loses_nothing(
         bulk = [Job(item_id=f"bulk-{i}", url=url) for i in range(n_bulk)]
         live = Job(item_id="cms-change", url=url, lane=Lane.LIVE)
 
-        async def publish(jobs: list[Job]) -> None:
-            broker = RabbitMQBroker(rabbit_fleet.config)
-            await broker.connect()
-            await broker.publish(jobs)
-            await broker.close()
-
-        asyncio.run(publish(bulk))
-        worker = rabbit_fleet.spawn("work", "--worker-id", "prio")
-        try:
-            wait_for(
-                lambda: sum(_segment_image_ids(rabbit_fleet.store_root).values()) >= 20,
-                180,
-                "bulk work to start",
-            )
-            asyncio.run(publish([live]))
+        rabbit_fleet.publish(bulk)
+        with reaped(rabbit_fleet.spawn("work", "--worker-id", "prio")) as worker:
+            wait_for(lambda: _indexed(rabbit_fleet) >= 20, 180, "bulk work to start")
+            rabbit_fleet.publish([live])
             wait_for(
                 lambda: live.image_id in _segment_image_ids(rabbit_fleet.store_root),
                 120,
                 "the live job to be indexed",
             )
-            done_when_live_landed = sum(_segment_image_ids(rabbit_fleet.store_root).values())
+            done_when_live_landed = _indexed(rabbit_fleet)
             worker.send_signal(signal.SIGTERM)
             out, _ = worker.communicate(timeout=120)
-        finally:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
     assert worker.returncode == 0, out.decode()[-3000:]
     # The live job jumped the queue: only a small part of the backlog went before it.
     assert done_when_live_landed < 2_000

@@ -12,36 +12,20 @@ import pytest
 from PIL import Image
 
 from common.brokers.local.broker import LocalBroker
-from common.config import load_settings
+from common.config import Settings
 from common.schema import SCHEMA_VERSION, Job, Lane, Op
 from common.storage.local import LocalStorage
 from imgfleet.factories import run_worker
 from index.publish import build_generation
 from index.search import Searcher
+from tests.support import local_worker
 from tests.support.faulty_image_server import FaultyImageServer
 
 pytestmark = pytest.mark.integration
 
 
-def _settings(tmp_path: Path, **broker: object):  # type: ignore[no-untyped-def]
-    return load_settings(
-        broker={
-            "local_path": str(tmp_path / "q.sqlite3"),
-            "retry_base_s": 0.05,
-            "retry_max_s": 0.2,
-            "max_attempts": 4,
-            "poll_interval_s": 0.02,
-            **broker,
-        },
-        storage={"root": str(tmp_path / "store")},
-        worker={
-            "decode_processes": 1,
-            "segment_flush_interval_s": 0.3,
-            "max_batch": 8,
-            "fetch_allow_networks": ["127.0.0.1/32"],  # the loopback image server
-        },
-        index={"n_shards": 2},
-    )
+def _settings(tmp_path: Path, **broker: object) -> Settings:
+    return local_worker.settings(tmp_path, broker={"retry_max_s": 0.2, "max_attempts": 4, **broker})
 
 
 def test_each_poison_job_dead_letters_once_and_transient_ones_recover(tmp_path: Path) -> None:
@@ -70,13 +54,13 @@ def test_each_poison_job_dead_letters_once_and_transient_ones_recover(tmp_path: 
         ]
 
         async def scenario() -> tuple[list, object]:
-            broker = LocalBroker(settings.broker.local_path)
+            broker = LocalBroker(local_worker.queue_path(tmp_path))
             await broker.publish(good + poison)
             await broker.publish_raw(raw)
             await broker.publish([Job(item_id="gone", op=Op.DELETE, lane=Lane.LIVE)])
             await broker.close()
             stats = await run_worker(settings, worker_id="t", until_idle=True)
-            broker = LocalBroker(settings.broker.local_path)
+            broker = LocalBroker(local_worker.queue_path(tmp_path))
             dead = await broker.dead_letters()
             assert await broker.pending() == 0
             await broker.close()
@@ -137,7 +121,7 @@ def test_retry_after_holds_off_the_job_and_its_host_not_other_hosts(tmp_path: Pa
             return Job(item_id=name, url=f"{server.base_url}/images/{name}")
 
         async def scenario() -> tuple[list, object]:
-            broker = LocalBroker(settings.broker.local_path)
+            broker = LocalBroker(local_worker.queue_path(tmp_path))
             await broker.publish([job(held, "ra.jpg"), job(dated, "dated.jpg")])
             worker = asyncio.create_task(run_worker(settings, worker_id="t", until_idle=True))
             # Both retries scheduled: the holds are known. Now a second job for the held
@@ -181,7 +165,7 @@ def test_retry_after_is_capped_and_a_429_that_persists_dead_letters_as_http_429(
         limited.fail_next("limited.jpg", 429, times=100, retry_after_s=1)
 
         async def scenario() -> list:
-            broker = LocalBroker(settings.broker.local_path)
+            broker = LocalBroker(local_worker.queue_path(tmp_path))
             await broker.publish(
                 [
                     Job(item_id="capped", url=f"{capped.base_url}/images/capped.jpg"),

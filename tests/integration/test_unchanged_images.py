@@ -50,7 +50,7 @@ def test_second_run_reuses_vectors_of_unchanged_images(tmp_path: Path) -> None:
     with ImageServer(tmp_path) as server:
 
         async def one_run(run_id: str, version: int):  # type: ignore[no-untyped-def]
-            broker = LocalBroker(settings.broker.local_path)
+            broker = LocalBroker(settings.broker.local.path)
             await broker.publish(
                 [
                     Job(

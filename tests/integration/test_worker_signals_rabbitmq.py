@@ -5,9 +5,7 @@ secrets, and a SIGTERM mid-run that drains and loses nothing.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
 import subprocess
 import time
@@ -15,33 +13,25 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.identity import image_id_for
 from common.schema import Job, decode_job
 from common.storage.local import LocalStorage
 from index.segments import list_segments, read_segment
 from tests.support.faulty_image_server import FaultyImageServer
-from tests.support.rabbitmq import RabbitFleet, drain_image_ids, served_fleet
+from tests.support.fleet import reaped
+from tests.support.rabbitmq import RabbitFleet, drain_image_ids
 from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.corpus(items=40, seed=5)]  # `served`
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def served(
-    tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str
-) -> Iterator[tuple[RabbitFleet, FaultyImageServer]]:
-    with served_fleet(tmp_path, rabbitmq_url, rabbit_prefix, items=40, seed=5) as served:
-        yield served
 
 
 def ops_env(port_file: Path, **extra: str) -> dict[str, str]:
@@ -107,30 +97,6 @@ def segment_records(store_root: Path) -> list[object]:
     return [r for key in list_segments(storage) for r in read_segment(storage, key).records()]
 
 
-def dead_letters(fleet: RabbitFleet) -> list[object]:
-    async def read() -> list[object]:
-        broker = RabbitMQBroker(fleet.config)
-        await broker.connect()
-        try:
-            return list(await broker.dead_letters(10**6))
-        finally:
-            await broker.close()
-
-    return asyncio.run(read())
-
-
-def publish(fleet: RabbitFleet, jobs: list[Job], raw: list[bytes] = ()) -> None:  # type: ignore[assignment]
-    async def go() -> None:
-        broker = RabbitMQBroker(fleet.config)
-        await broker.connect()
-        await broker.publish(jobs)
-        if raw:
-            await broker.publish_raw(raw)
-        await broker.close()
-
-    asyncio.run(go())
-
-
 def catalogue_jobs(catalogue: Path) -> list[Job]:
     jobs = []
     for line in catalogue.read_text().splitlines():
@@ -143,11 +109,8 @@ def catalogue_jobs(catalogue: Path) -> list[Job]:
 def stop(worker: subprocess.Popen[bytes], timeout_s: float = 60) -> str:
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
-    try:
+    with reaped(worker):
         out, _ = worker.communicate(timeout=timeout_s)
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
     return out.decode()
 
 
@@ -169,7 +132,7 @@ def test_metrics_equal_the_real_outcomes(
     jobs = catalogue_jobs(fleet.catalogue)
     flaky = next(j for j in jobs if j.url and j.url.endswith(".jpg") and "-0." in j.url)
     server.fail_next(flaky.url.rsplit("/", 1)[-1], 503, times=2)  # type: ignore[union-attr]
-    publish(fleet, jobs, raw=[b"{this is not a job"])
+    fleet.publish(jobs, raw=[b"{this is not a job"])
     expected_deliveries = len(jobs) + 1
 
     port_file = tmp_path / "metrics.port"
@@ -212,9 +175,9 @@ def test_metrics_equal_the_real_outcomes(
     assert acked == len(records)
     assert total(after, "imgfleet_jobs_acked_total", outcome="deleted") == 0
     assert total(after, "imgfleet_jobs_acked_total", lane="bulk") == len(records)
-    letters = dead_letters(fleet)
+    letters = fleet.dead_letters()
     assert by_label(after, "imgfleet_jobs_dead_lettered_total", "reason") == dict(
-        Counter(letter.reason for letter in letters)  # type: ignore[attr-defined]
+        Counter(letter.reason for letter in letters)
     )
     assert acked + len(letters) == expected_deliveries
     assert by_label(after, "imgfleet_jobs_retried_total", "reason") == {"http_5xx": 2}
@@ -254,7 +217,7 @@ def test_sigterm_mid_run_drains_within_the_deadline_and_loses_nothing(
     fleet, _ = served
     catalogue = fleet.write_big_catalogue(400)
     jobs = catalogue_jobs(catalogue)
-    publish(fleet, jobs)
+    fleet.publish(jobs)
     port_file = tmp_path / "metrics.port"
     deadline_s = 4
     worker = fleet.spawn(
@@ -263,23 +226,20 @@ def test_sigterm_mid_run_drains_within_the_deadline_and_loses_nothing(
         "drained",
         **ops_env(port_file, IMGFLEET_WORKER__SHUTDOWN_DEADLINE_S=str(deadline_s)),
     )
-    try:
+    with reaped(worker):
         port = wait_for_port(port_file, worker)
         wait_for(lambda: len(segment_records(fleet.store_root)) >= 30, 180, "the first segments")
         mid = scrape(port)
         assert total(mid, "imgfleet_in_flight_jobs") > 0
         worker.send_signal(signal.SIGTERM)
         out, _ = worker.communicate(timeout=deadline_s + 20)
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
     output = out.decode()
     assert worker.returncode == 0, output[-3000:]
     stopped = [line for line in assert_structured(output) if line.get("event") == "worker stopped"]
     assert stopped and stopped[0]["stopped_by"] == "SIGTERM"
 
     indexed = {r.image_id for r in segment_records(fleet.store_root)}  # type: ignore[attr-defined]
-    dead = {decode_job(letter.body).image_id for letter in dead_letters(fleet)}  # type: ignore[attr-defined]
+    dead = {decode_job(letter.body).image_id for letter in fleet.dead_letters()}
     assert len(indexed) + len(dead) < len(jobs), "the run finished before the SIGTERM"
     remaining = drain_image_ids(fleet.url, fleet.prefix)
     assert indexed | dead | remaining == {image_id_for(j.item_id, j.image_key) for j in jobs}
@@ -290,7 +250,7 @@ def test_readiness_comes_back_after_an_outage_mid_run_and_the_worker_gives_up_la
 ) -> None:
     fleet, server = served
     jobs = catalogue_jobs(fleet.write_big_catalogue(160))
-    publish(fleet, jobs)
+    fleet.publish(jobs)
     image_names = {j.url.rsplit("/", 1)[-1] for j in jobs if j.url}
     all_ids = {image_id_for(j.item_id, j.image_key) for j in jobs}
     port_file = tmp_path / "metrics.port"
@@ -319,7 +279,7 @@ def test_readiness_comes_back_after_an_outage_mid_run_and_the_worker_gives_up_la
 
             return check
 
-        try:
+        with reaped(worker):
             port = wait_for_port(port_file, worker)
             wait_for(lambda: len(segment_records(fleet.store_root)) >= 8, 180, "the first segments")
             assert http_status(port, "/readyz") == 200
@@ -353,7 +313,7 @@ def test_readiness_comes_back_after_an_outage_mid_run_and_the_worker_gives_up_la
                 indexed = {r.image_id for r in segment_records(fleet.store_root)}  # type: ignore[attr-defined]
                 if len(indexed) < len(all_ids) // 2:
                     return False
-                dead = {decode_job(d.body).image_id for d in dead_letters(fleet)}  # type: ignore[attr-defined]
+                dead = {decode_job(d.body).image_id for d in fleet.dead_letters()}
                 return time.monotonic() - cut_at_s > give_up_s + 2 and indexed | dead == all_ids
 
             wait_for(alive(accounted), 240, "every job to be indexed or dead-lettered")
@@ -362,9 +322,6 @@ def test_readiness_comes_back_after_an_outage_mid_run_and_the_worker_gives_up_la
             proxy.refusing = True  # gone for good: past broker_give_up_s the worker exits 1
             proxy.cut_all()
             out, _ = worker.communicate(timeout=60)
-        finally:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGKILL)
     output = out.decode()
     assert worker.returncode == 1, output[-3000:]
     lines = assert_structured(output)
@@ -387,11 +344,8 @@ def test_refused_credentials_exit_2_without_the_password_in_any_line(
         "denied",
         IMGFLEET_BROKER__URL=f"amqp://guest:{password}@127.0.0.1:5672/",
     )
-    try:
+    with reaped(worker):
         out, _ = worker.communicate(timeout=120)
-    finally:
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
     output = out.decode()
     assert worker.returncode == 2, output[-3000:]
     assert "refused the credentials" in output

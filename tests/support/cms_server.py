@@ -11,16 +11,16 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
-from types import TracebackType
 from typing import Any, TypeVar
 
 from producers.cms.app import Intake, serve
+from tests.support.http import Background
 from tests.support.waiting import wait_for
 
 _T = TypeVar("_T")
 
 
-class IntakeThread:
+class IntakeThread(Background):
     def __init__(self, intake: Intake, host: str = "127.0.0.1") -> None:
         self.intake = intake
         self.host = host
@@ -35,19 +35,10 @@ class IntakeThread:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def __enter__(self) -> IntakeThread:
+    def start(self) -> None:
         self._thread.start()
         if not self._listening.wait(20) or self.error is not None:
             raise RuntimeError(f"the intake did not start: {self.error!r}")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _main(self) -> None:
         async def main() -> None:

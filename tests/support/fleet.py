@@ -3,22 +3,49 @@
 ``Fleet`` holds the paths of one local queue and store shared by ``imgfleet`` processes
 started from the repository root; the RabbitMQ and Kafka fleets (``tests.support.rabbitmq``,
 ``tests.support.kafka``) add their broker's settings to its environment.
+
+``reaped`` and ``kill_when`` make sure a spawned worker never outlives its test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tests.support.waiting import wait_for
 
 if TYPE_CHECKING:
     from imgfleet.demo.corpus import Corpus
 
 # tests/support/fleet.py -> tests/support -> tests -> the repository root
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def broker_env(kind: str, url: str, prefix: str, **keys: str) -> dict[str, str]:
+    """``IMGFLEET_BROKER__*`` for a ``kind`` broker at ``url`` with names under ``prefix``,
+    plus ``keys`` of the section (``RETRY_MAX_S="0.4"``, ``KAFKA__GROUP_ID=...``)."""
+    section = {"KIND": kind, "URL": url, "NAME_PREFIX": prefix, **keys}
+    return {f"IMGFLEET_BROKER__{key}": value for key, value in section.items()}
+
+
+def local_env(root: Path, **settings: str) -> dict[str, str]:
+    """The environment of an `imgfleet` process on the local queue and store under
+    ``root``, logging warnings only, its metrics on any free port; plus ``settings``."""
+    return {
+        **os.environ,
+        "IMGFLEET_BROKER__LOCAL_PATH": str(root / "queue.sqlite3"),
+        "IMGFLEET_STORAGE__ROOT": str(root / "store"),
+        "IMGFLEET_LOGGING__LEVEL": "warning",
+        "IMGFLEET_METRICS__PORT": "0",
+        **settings,
+    }
 
 
 @dataclass
@@ -82,3 +109,24 @@ class Fleet:
         out = proc.stdout.decode() + proc.stderr.decode()
         assert proc.returncode == 0, out[-4000:]
         return proc.stdout.decode()
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """``proc`` for the block; still running after it, it is killed with its process group
+    (its decode pool included: ``Fleet.spawn`` starts each worker in a session of its own)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def kill_when(
+    proc: subprocess.Popen[bytes], ready: Callable[[], object], timeout_s: float, what: str
+) -> None:
+    """SIGKILL ``proc``'s process group once ``ready()`` holds (waited for as ``what``)."""
+    with reaped(proc):
+        wait_for(ready, timeout_s, what)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

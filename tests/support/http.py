@@ -1,4 +1,9 @@
-"""A loopback HTTP server for tests, served from a thread for the life of a block."""
+"""Loopback servers for tests, each run from a thread for the life of a ``with`` block.
+
+``serving`` serves a standard-library ``HTTPServer``; ``Background`` is the base of the
+servers that run an event loop of their own (the CMS intake, the TCP proxy): ``start``
+brings one up, ``stop`` takes it down, and ``with`` does both.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,22 @@ import contextlib
 import http.server
 import threading
 from collections.abc import Iterator
+from typing import Self
+
+
+class Background:
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from imgfleet.demo.corpus import make_corpus
 from imgfleet.factories import make_broker
 from tests.conftest import require_service
 from tests.support.faulty_image_server import FaultyImageServer as ImageServer
-from tests.support.fleet import Fleet
+from tests.support.fleet import Fleet, broker_env
 from tests.support.tansu import TansuBroker, TansuUnavailable, running_tansu
 
 # Short sessions: a new group's first join waits about half of this on Tansu, and a
@@ -52,6 +52,11 @@ def unique(prefix: str) -> str:
 
 def broker_config(tansu: TansuBroker, **kafka: Any) -> BrokerConfig:
     """A fresh topic prefix and group per call, so tests never see each other's records."""
+    return load_settings(broker=broker_settings(tansu, **kafka)).broker
+
+
+def broker_settings(tansu: TansuBroker, **kafka: Any) -> dict[str, Any]:
+    """``broker_config``'s section as ``load_settings`` takes it (and a config file holds)."""
     options: dict[str, Any] = {
         "partitions": 4,
         "group_id": unique("g"),
@@ -63,16 +68,13 @@ def broker_config(tansu: TansuBroker, **kafka: Any) -> BrokerConfig:
     }
     options.update(kafka)
     prefetch = options.pop("prefetch", 64)
-    settings = load_settings(
-        broker={
-            "kind": "kafka",
-            "url": tansu.bootstrap,
-            "name_prefix": unique("t"),
-            "prefetch": prefetch,
-            "kafka": options,
-        }
-    )
-    return settings.broker
+    return {
+        "kind": "kafka",
+        "url": tansu.bootstrap,
+        "name_prefix": unique("t"),
+        "prefetch": prefetch,
+        "kafka": options,
+    }
 
 
 @dataclass
@@ -88,22 +90,21 @@ class KafkaFleet(Fleet):
     def env(self, **extra: str) -> dict[str, str]:
         # No broker.prefetch here: workers size their window from the pipeline as users'
         # workers do (a fixed window once hid that Kafka got none at all).
-        kafka_env = {
-            "IMGFLEET_BROKER__KIND": "kafka",
-            "IMGFLEET_BROKER__URL": self.bootstrap,
-            "IMGFLEET_BROKER__NAME_PREFIX": self.prefix,
-            "IMGFLEET_BROKER__MAX_ATTEMPTS": "4",
-            "IMGFLEET_BROKER__RETRY_MAX_S": "0.5",
-            "IMGFLEET_BROKER__KAFKA__PARTITIONS": "4",
-            "IMGFLEET_BROKER__KAFKA__GROUP_ID": self.group_id,
-            "IMGFLEET_BROKER__KAFKA__SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
-            "IMGFLEET_BROKER__KAFKA__HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_INTERVAL_MS),
-            "IMGFLEET_BROKER__KAFKA__RETRY_DELAYS_S": "[0.2, 1.0]",
-            "IMGFLEET_BROKER__KAFKA__REVOKE_WAIT_S": "2",
-            "IMGFLEET_BROKER__KAFKA__LINGER_MS": "5",
-            **self.extra_env,
-        }
-        return super().env(**{**kafka_env, **extra})
+        kafka_env = broker_env(
+            "kafka",
+            self.bootstrap,
+            self.prefix,
+            MAX_ATTEMPTS="4",
+            RETRY_MAX_S="0.5",
+            KAFKA__PARTITIONS="4",
+            KAFKA__GROUP_ID=self.group_id,
+            KAFKA__SESSION_TIMEOUT_MS=str(SESSION_TIMEOUT_MS),
+            KAFKA__HEARTBEAT_INTERVAL_MS=str(HEARTBEAT_INTERVAL_MS),
+            KAFKA__RETRY_DELAYS_S="[0.2, 1.0]",
+            KAFKA__REVOKE_WAIT_S="2",
+            KAFKA__LINGER_MS="5",
+        )
+        return super().env(**{**kafka_env, **self.extra_env, **extra})
 
     def settings(self) -> Settings:
         """The fleet's broker as a tool beside it sees it: default settings otherwise."""

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,15 @@ from common.brokers.base import DeadLetter
 from common.brokers.rabbitmq.broker import RabbitMQBroker
 from common.config import BrokerConfig, load_settings
 from common.identity import image_id_for
+from common.schema import Job
 from common.storage.local import LocalStorage
 from imgfleet.demo.corpus import EXPECTED_REASON_BY_KIND, make_corpus
 from index.publish import build_generation
 from index.search import Searcher
 from tests.conftest import require_service
+from tests.support.aio import ask
 from tests.support.faulty_image_server import FaultyImageServer as ImageServer
-from tests.support.fleet import REPO_ROOT, Fleet
+from tests.support.fleet import REPO_ROOT, Fleet, broker_env
 
 RABBITMQ_URL = os.environ.get("IMGFLEET_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -62,6 +65,28 @@ def rabbit_settings(url: str, prefix: str, **broker: Any) -> dict[str, Any]:
 
 def broker_config(url: str, prefix: str, **broker: Any) -> BrokerConfig:
     return load_settings(broker=rabbit_settings(url, prefix, **broker)).broker
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    url: str, prefix: str, *, prefetch: int = 64, **broker: Any
+) -> AsyncIterator[RabbitMQBroker]:
+    """An adapter connected to the queues of ``prefix``, closed when the block ends."""
+    adapter = RabbitMQBroker(broker_config(url, prefix, **broker), prefetch=prefetch)
+    await adapter.connect()
+    try:
+        yield adapter
+    finally:
+        await adapter.close()
+
+
+# ``connected`` with the test's server and queues bound: ``async with rabbit() as broker``.
+Connect = Callable[..., contextlib.AbstractAsyncContextManager[RabbitMQBroker]]
+
+
+@pytest.fixture
+def rabbit(rabbitmq_url: str, rabbit_prefix: str) -> Connect:
+    return functools.partial(connected, rabbitmq_url, rabbit_prefix)
 
 
 async def _delete_topology(config: BrokerConfig) -> None:
@@ -117,13 +142,9 @@ class RabbitFleet(Fleet):
     expected: dict[int, str | None] = field(default_factory=dict)  # image id -> reason
 
     def env(self, **extra: str) -> dict[str, str]:
-        rabbit = {
-            "IMGFLEET_BROKER__KIND": "rabbitmq",
-            "IMGFLEET_BROKER__URL": self.url,
-            "IMGFLEET_BROKER__NAME_PREFIX": self.prefix,
-            "IMGFLEET_BROKER__RETRY_BASE_S": "0.1",
-            "IMGFLEET_BROKER__RETRY_MAX_S": "0.4",
-        }
+        rabbit = broker_env(
+            "rabbitmq", self.url, self.prefix, RETRY_BASE_S="0.1", RETRY_MAX_S="0.4"
+        )
         return super().env(**{**rabbit, **extra})
 
     def run_raw(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
@@ -158,18 +179,27 @@ class RabbitFleet(Fleet):
                 self.expected[image_id_for(item_id, "0")] = EXPECTED_REASON_BY_KIND.get(kind)
         return path
 
+    def publish(self, jobs: Sequence[Job], raw: Sequence[bytes] = ()) -> None:
+        """Publish ``jobs``, then the ``raw`` bodies, to the fleet's queues."""
+
+        async def go(broker: RabbitMQBroker) -> None:
+            await broker.publish(jobs)
+            if raw:
+                await broker.publish_raw(list(raw))
+
+        ask(RabbitMQBroker(self.config), go)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every letter in the fleet's DLQ."""
+        return ask(RabbitMQBroker(self.config), lambda broker: broker.dead_letters(10**6))
+
     def outcomes(self) -> tuple[int, list[DeadLetter], np.ndarray]:
         """(jobs still pending, dead letters, image ids in a freshly built index)."""
 
-        async def read() -> tuple[int, list[DeadLetter]]:
-            broker = RabbitMQBroker(self.config)
-            await broker.connect()
-            try:
-                return await broker.pending(), await broker.dead_letters(10**6)
-            finally:
-                await broker.close()
+        async def read(broker: RabbitMQBroker) -> tuple[int, list[DeadLetter]]:
+            return await broker.pending(), await broker.dead_letters(10**6)
 
-        pending, dead = asyncio.run(read())
+        pending, dead = ask(RabbitMQBroker(self.config), read)
         storage = LocalStorage(self.store_root)
         build_generation(storage, 4)
         return pending, dead, Searcher(storage).image_ids()
@@ -185,6 +215,18 @@ def served_fleet(
         catalogue = corpus.write_catalogue_jsonl(tmp_path / "catalogue.jsonl", server.base_url)
         fleet = RabbitFleet(tmp_path, corpus, server.base_url, catalogue, url=url, prefix=prefix)
         yield fleet, server
+
+
+@pytest.fixture
+def served(
+    request: pytest.FixtureRequest, tmp_path: Path, rabbitmq_url: str, rabbit_prefix: str
+) -> Iterator[tuple[RabbitFleet, ImageServer]]:
+    """``served_fleet`` for a test; ``@pytest.mark.corpus(items=N, seed=S)`` on the test or
+    its module says which corpus."""
+    corpus = request.node.get_closest_marker("corpus")
+    assert corpus is not None, "name the corpus: @pytest.mark.corpus(items=N, seed=S)"
+    with served_fleet(tmp_path, rabbitmq_url, rabbit_prefix, **corpus.kwargs) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from types import TracebackType
+
+from tests.support.http import Background
 
 
-class TcpProxy:
+class TcpProxy(Background):
     """Forward 127.0.0.1:<port> to an upstream address; ``cut_all()`` severs everything."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
@@ -21,17 +22,11 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
-    def __enter__(self) -> TcpProxy:
+    def start(self) -> None:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)

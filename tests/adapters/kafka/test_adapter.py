@@ -19,6 +19,7 @@ from common.brokers.kafka.broker import KafkaBroker
 from common.config import BrokerConfig
 from common.errors import ConfigError
 from common.schema import Job, Lane, decode_job
+from imgfleet.factories import kafka_broker
 from tests.support.kafka import QUICK_JOIN, TansuBroker, broker_config
 
 pytestmark = pytest.mark.integration
@@ -63,15 +64,15 @@ def test_a_zero_job_window_is_refused(tansu: TansuBroker) -> None:
     # computes it. Taken as a window, it kept every bulk and retry partition paused.
     config = broker_config(tansu, prefetch=0)
     with pytest.raises(ConfigError, match="at least 1 job"):
-        KafkaBroker.from_config(config)
-    KafkaBroker.from_config(config, prefetch=5)  # the computed window, as make_broker passes it
+        kafka_broker(config)
+    kafka_broker(config, prefetch=5)  # the computed window, as make_broker passes it
 
 
 def test_commit_stops_at_the_lowest_unsettled_offset(tansu: TansuBroker) -> None:
     config = broker_config(tansu, partitions=1, **QUICK_JOIN)
 
     async def scenario() -> None:
-        broker = KafkaBroker.from_config(config)
+        broker = kafka_broker(config)
         await broker.connect()
         await broker.connect()  # idempotent, topics included
         await broker.publish(_jobs(6))
@@ -85,7 +86,7 @@ def test_commit_stops_at_the_lowest_unsettled_offset(tansu: TansuBroker) -> None
         await broker.close()  # exits without settling the second one
 
         # A restarted member resumes at the gap: the unsettled job and those after it.
-        restarted = KafkaBroker.from_config(config)
+        restarted = kafka_broker(config)
         stream = restarted.consume()
         redelivered = await _take(stream, 5)
         assert redelivered[0].body == got[1].body
@@ -103,7 +104,7 @@ def test_a_retry_comes_back_through_its_delay_tier_topic(tansu: TansuBroker) -> 
     config = broker_config(tansu, retry_delays_s=[0.3, 5.0], **QUICK_JOIN)
 
     async def scenario() -> None:
-        broker = KafkaBroker.from_config(config)
+        broker = kafka_broker(config)
         [job] = _jobs(1)
         await broker.publish([job])
         stream = broker.consume()
@@ -124,7 +125,7 @@ def test_a_retry_comes_back_through_its_delay_tier_topic(tansu: TansuBroker) -> 
 
 
 async def _member(config: BrokerConfig) -> tuple[KafkaBroker, AsyncIterator[Delivery]]:
-    broker = KafkaBroker.from_config(config)
+    broker = kafka_broker(config)
     return broker, broker.consume()
 
 
@@ -181,7 +182,7 @@ def test_a_small_window_over_many_partitions_drains_every_record(tansu: TansuBro
     config = broker_config(tansu, prefetch=48, partitions=4, **QUICK_JOIN)
 
     async def scenario() -> None:
-        broker = KafkaBroker.from_config(config)
+        broker = kafka_broker(config)
         n = 4000
         await broker.publish(_jobs(n))
         stream = broker.consume()

@@ -23,6 +23,7 @@ from common.brokers.kafka.broker import KafkaBroker
 from common.brokers.kafka.client import client_settings
 from common.config import BrokerConfig
 from common.schema import Job, decode_job
+from imgfleet.factories import kafka_broker
 from tests.support.kafka import QUICK_JOIN, TansuBroker, broker_config
 
 pytestmark = pytest.mark.integration
@@ -117,7 +118,7 @@ def test_records_fetched_but_not_handed_out_survive_a_revoke_that_keeps_the_part
     config = broker_config(tansu, partitions=2, prefetch=1, revoke_wait_s=0.3, **QUICK_JOIN)
 
     async def scenario() -> None:
-        broker = KafkaBroker.from_config(config)
+        broker = kafka_broker(config)
         first = _jobs_on(0, 2, 3, "a") + _jobs_on(1, 2, 3, "a")
         await broker.publish(first)
         stream = broker.consume()

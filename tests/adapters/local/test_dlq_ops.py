@@ -1,23 +1,19 @@
 """The local (SQLite) broker's dead letters and figures: a batch being settled stays listed,
-lane_stats count leases and waiting retries, and requeue and purge run over it.
+and lane_stats count leases and waiting retries.
 
 How settle_dead_letters selects, batches, keeps order and stops on a failed action or a
-limit, on every broker, is in tests/contract/test_broker_contract.py.
+limit, what the lane figures count, and what requeue, purge and status do, on every
+broker, is in tests/contract/test_broker_contract.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from pathlib import Path
-
-import orjson
 
 from common.brokers.base import DeadLetter
 from common.brokers.local.broker import LocalBroker
 from common.schema import Job, Lane, decode_job
-from producers.ops.dead_letters import LetterArchive, purge_dead_letters, requeue_dead_letters
-from producers.ops.filters import LetterFilter
 from tests.support.waiting import take_deliveries
 
 
@@ -27,19 +23,16 @@ def _broker(tmp_path: Path, prefetch: int = 256) -> LocalBroker:
     )
 
 
-async def _dead_letter_all(broker: LocalBroker, reasons: list[str], *, raw: int = 0) -> None:
-    """Publish one job per reason (and ``raw`` non-jobs), then dead-letter each in order."""
+async def _dead_letter_all(broker: LocalBroker, reasons: list[str]) -> None:
+    """Publish one job per reason, then dead-letter each in order."""
     jobs = [
         Job(item_id=f"item-{i}", url=f"http://img/{i}.jpg", run_id="run-1")
         for i in range(len(reasons))
     ]
     await broker.publish(jobs)
-    await broker.publish_raw([b"junk-%d" % i for i in range(raw)])
-    deliveries = await take_deliveries(broker, len(jobs) + raw)
-    for delivery, reason in zip(deliveries, reasons, strict=False):
+    deliveries = await take_deliveries(broker, len(jobs))
+    for delivery, reason in zip(deliveries, reasons, strict=True):
         await broker.dead_letter(delivery, reason, f"{reason}!", 3, decode_job(delivery.body))
-    for delivery in deliveries[len(jobs) :]:
-        await broker.dead_letter(delivery, "bad_message", "not json", 1, None)
 
 
 def test_a_batch_stays_listed_until_its_action_returns(tmp_path: Path) -> None:
@@ -66,7 +59,7 @@ def test_a_batch_stays_listed_until_its_action_returns(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_lane_stats_count_ready_leased_waiting_and_dead(tmp_path: Path) -> None:
+def test_lane_stats_count_leased_jobs_and_waiting_retries(tmp_path: Path) -> None:
     async def scenario() -> None:
         broker = _broker(tmp_path, prefetch=4)
         await broker.publish([Job(item_id=f"b{i}", url="http://img/b.jpg") for i in range(5)])
@@ -80,47 +73,6 @@ def test_lane_stats_count_ready_leased_waiting_and_dead(tmp_path: Path) -> None:
         assert (stats["live"].ready, stats["live"].in_flight) == (0, 2)
         assert (stats["bulk"].ready, stats["bulk"].in_flight) == (3, 0)
         assert stats["retry"].ready == 1
-        assert stats["dlq"].ready == 1
-        assert all(s.unit == "jobs" for s in stats.values())
-        await broker.close()
-
-    asyncio.run(scenario())
-
-
-def test_requeue_and_purge_over_the_local_broker(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        broker = _broker(tmp_path)
-        await _dead_letter_all(broker, ["http_5xx", "http_404", "http_5xx"], raw=1)
-        now_s = 1_800_000_000.0
-        flt = LetterFilter.build(now_s=now_s, reasons=["http_5xx", "bad_message"])
-        report = await requeue_dead_letters(broker, flt, now_s=now_s)
-        assert report.moved == Counter({"http_5xx": 2})
-        assert report.not_requeueable == Counter({"bad_message": 1})
-        back = [decode_job(d.body) for d in await take_deliveries(broker, 2)]
-        assert [j.item_id for j in back] == ["item-0", "item-2"]
-        assert all(j.lane is Lane.LIVE and j.attempt == 0 for j in back)
-        assert [(h.reason, h.attempts, h.requeued_at_s) for h in back[0].history] == [
-            ("http_5xx", 3, now_s)
-        ]
-        assert sorted(d.reason for d in await broker.dead_letters(100)) == [
-            "bad_message",
-            "http_404",
-        ]
-
-        archive = LetterArchive(tmp_path / "out" / "purged.jsonl")
-        purged = await purge_dead_letters(
-            broker, LetterFilter.build(now_s=now_s, reasons=["bad_message"]), archive=archive
-        )
-        assert purged.total == 1 and purged.archive == str(archive.path)
-        lines = [orjson.loads(x) for x in archive.path.read_bytes().splitlines()]
-        assert [(x["reason"], x["body"]) for x in lines] == [("bad_message", "junk-0")]
-        assert [d.reason for d in await broker.dead_letters(100)] == ["http_404"]
-
-        nothing = LetterArchive(tmp_path / "none.jsonl")
-        empty = await purge_dead_letters(
-            broker, LetterFilter.build(now_s=now_s, reasons=["timeout"]), archive=nothing
-        )
-        assert empty.total == 0 and empty.archive is None and not nothing.path.exists()
         await broker.close()
 
     asyncio.run(scenario())

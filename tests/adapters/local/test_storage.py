@@ -5,13 +5,13 @@ The behaviour every adapter shares is in ``tests/contract/test_storage_contract.
 
 from __future__ import annotations
 
-import multiprocessing
 from pathlib import Path
 
 import pytest
 
 from common.errors import Reason, TransientError
 from common.storage.local import LocalStorage
+from tests.support.races import race_processes
 
 
 def test_temp_and_lock_files_are_not_objects(tmp_path: Path) -> None:
@@ -63,21 +63,12 @@ def test_versioned_reads_go_through_get(tmp_path: Path) -> None:
         storage.put_if_match("cms/idempotency/a.json", b"{}", None)
 
 
-def _create_in_process(root: str, n: int, start: multiprocessing.synchronize.Event) -> bool:  # type: ignore[name-defined]
-    start.wait()
+def _create_in_process(n: int, root: str) -> bool:
     return LocalStorage(root).put_if_match("manifest.json", f"writer-{n}".encode(), None)
 
 
 def test_processes_racing_to_create_exactly_one_wins(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Manager() as manager:
-        start = manager.Event()
-        with ctx.Pool(4) as pool:
-            results = [
-                pool.apply_async(_create_in_process, (str(tmp_path), n, start)) for n in range(4)
-            ]
-            start.set()
-            won = [r.get(30) for r in results]
+    won = race_processes(_create_in_process, str(tmp_path))
     assert won.count(True) == 1
     winner = won.index(True)
     assert LocalStorage(tmp_path).get("manifest.json") == f"writer-{winner}".encode()

@@ -15,10 +15,21 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.worker.fetch_concurrency == 3
 
 
-def test_invalid_values_name_the_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("[worker]\nmax_batch = 0\n", r"worker\.max_batch"),
+        # A key of [broker.local] set at its earlier flat place too: both are named.
+        (
+            '[broker]\nlocal_path = "a.sqlite3"\n[broker.local]\npath = "b.sqlite3"\n',
+            r"broker\.local_path and broker\.local\.path",
+        ),
+    ],
+)
+def test_invalid_values_name_the_field(tmp_path: Path, text: str, named: str) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text("[worker]\nmax_batch = 0\n")
-    with pytest.raises(ConfigError, match=r"worker\.max_batch"):
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=named):
         load_settings(cfg)
 
 

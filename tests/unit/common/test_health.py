@@ -7,14 +7,7 @@ import threading
 import time
 
 from common.observability.health import Health
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
+from tests.support.clock import FakeClock
 
 
 def test_a_heartbeat_older_than_the_limit_fails_liveness() -> None:

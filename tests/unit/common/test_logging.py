@@ -5,25 +5,62 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
+import structlog
 
+import common.observability.logging as app_logging
 from common.config import load_settings
 from common.observability.logging import (
     bind_process,
     configure_logging,
     get_logger,
     settings_secrets,
-    unbind_process,
 )
+
+# The standard-library loggers these tests write through, and their parents: another test
+# in this process may have set their levels (the ops commands mute the client libraries).
+_LIBRARY_LOGGERS = ("aio_pika", "aio_pika.robust_connection", "botocore", "py.warnings")
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    yield
-    unbind_process("worker_id", "role")
-    configure_logging("console", "info")
+def _restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts from logging as a fresh process has it and leaves it as it was.
+
+    The logging set-up is process-wide, and under xdist whatever ran before in this
+    process shows: an in-process CLI command mutes aio_pika at CRITICAL, registers the
+    settings' secrets (masked from then on) and leaves the root logger's handler and
+    level; a worker binds its context. The module's own state (format, context, secrets)
+    is swapped for empty copies; the standard library's is saved and put back by hand.
+    """
+    monkeypatch.setattr(app_logging, "_config", {"format": "console", "level": "info"})
+    monkeypatch.setattr(app_logging, "_process_context", {})
+    monkeypatch.setattr(app_logging, "_secrets", set())
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    context = structlog.contextvars.get_contextvars()
+    structlog.contextvars.clear_contextvars()
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, list(root.handlers)
+    disabled_below = logging.root.manager.disable
+    libraries = {name: logging.getLogger(name) for name in _LIBRARY_LOGGERS}
+    levels = {name: (lg.level, lg.disabled) for name, lg in libraries.items()}
+    logging.disable(logging.NOTSET)
+    for lg in libraries.values():
+        lg.setLevel(logging.NOTSET)
+        lg.disabled = False
+    try:
+        yield
+    finally:
+        for name, lg in libraries.items():
+            lg.setLevel(levels[name][0])
+            lg.disabled = levels[name][1]
+        logging.disable(disabled_below)
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(**context)
 
 
 def json_lines(text: str) -> list[dict[str, object]]:

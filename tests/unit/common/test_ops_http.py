@@ -14,6 +14,7 @@ from common.errors import ConfigError
 from common.observability.health import Health
 from common.observability.metrics import Metrics
 from common.observability.ops_http import OpsServer
+from tests.support.clock import FakeClock
 
 
 def get(url: str) -> tuple[int, str, str]:
@@ -24,16 +25,9 @@ def get(url: str) -> tuple[int, str, str]:
         return exc.code, exc.headers["Content-Type"], exc.read().decode()
 
 
-class FakeClock:
-    now_s = 0.0
-
-    def __call__(self) -> float:
-        return self.now_s
-
-
 def test_endpoints_answer_with_the_current_state(tmp_path: Path) -> None:
     metrics = Metrics()
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     health = Health(stall_after_s=30, clock=clock)
     health.on_readiness_change(lambda ready: metrics.worker_ready.set(int(ready)))
     health.set_ready("model", False)

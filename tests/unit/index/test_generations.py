@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,12 +17,18 @@ from index.manifest import MANIFEST_KEY, load_manifest
 from index.publish import build_generation
 from index.runs import RunInfo, write_run
 from index.search import Searcher
-from index.segments import list_segments
+from index.segments import VectorRecord, list_segments
 from tests.unit.index.conftest import RecordFactory, write_records
 
 
 def live_ids(storage: LocalStorage, generation: int | None = None) -> set[int]:
     return {int(i) for i in Searcher(storage, generation=generation).image_ids()}
+
+
+def published(storage: LocalStorage, n_shards: int, *records: VectorRecord, **build: Any) -> None:
+    """``records`` written, then a generation built of everything written so far."""
+    write_records(storage, n_shards, *records)
+    build_generation(storage, n_shards, grace_s=0.0, **build)
 
 
 class HookStorage(LocalStorage):
@@ -45,8 +52,7 @@ def test_cms_change_during_rebuild_is_in_the_new_generation(
     tmp_path: Path, make_record: RecordFactory
 ) -> None:
     storage = HookStorage(tmp_path / "store")
-    write_records(storage, 2, *[make_record(f"i{i}", seed=i) for i in range(10)])
-    build_generation(storage, 2, grace_s=0.0)
+    published(storage, 2, *[make_record(f"i{i}", seed=i) for i in range(10)])
     serving = Searcher(storage)
 
     cms = make_record("cms-during-build", seed=99)
@@ -63,8 +69,7 @@ def test_crash_mid_build_keeps_previous_and_rerun_completes(
     tmp_path: Path, make_record: RecordFactory
 ) -> None:
     storage = HookStorage(tmp_path / "store")
-    write_records(storage, 3, *[make_record(f"old-{i}", seed=i) for i in range(12)])
-    build_generation(storage, 3, grace_s=0.0)
+    published(storage, 3, *[make_record(f"old-{i}", seed=i) for i in range(12)])
     write_records(storage, 3, *[make_record(f"new-{i}", seed=50 + i) for i in range(12)])
     before = load_manifest(storage)
 
@@ -89,13 +94,19 @@ def test_rollback_and_live_apply_on_rolled_back_generation(
     storage: LocalStorage, make_record: RecordFactory
 ) -> None:
     write_run(storage, RunInfo("night-1", "cat", 3, 0.0))
-    write_records(storage, 2, *[make_record(f"i{i}", seed=i, run_id="night-1") for i in range(3)])
-    build_generation(storage, 2, run_id="night-1", grace_s=0.0)
-    write_run(storage, RunInfo("night-2", "cat", 2, 0.0))
-    write_records(
-        storage, 2, *[make_record(f"bad-{i}", seed=i, run_id="night-2") for i in range(2)]
+    published(
+        storage,
+        2,
+        *[make_record(f"i{i}", seed=i, run_id="night-1") for i in range(3)],
+        run_id="night-1",
     )
-    build_generation(storage, 2, run_id="night-2", grace_s=0.0)
+    write_run(storage, RunInfo("night-2", "cat", 2, 0.0))
+    published(
+        storage,
+        2,
+        *[make_record(f"bad-{i}", seed=i, run_id="night-2") for i in range(2)],
+        run_id="night-2",
+    )
     assert live_ids(storage) == {image_id_for(f"bad-{i}", "0") for i in range(2)}
 
     assert rollback(storage).generation == 1
@@ -115,8 +126,7 @@ def test_prune_keeps_policy_and_removes_unreferenced_files(
     storage: LocalStorage, make_record: RecordFactory
 ) -> None:
     for round_ in range(5):
-        write_records(storage, 2, make_record(f"i{round_}", seed=round_))
-        build_generation(storage, 2, grace_s=0.0)
+        published(storage, 2, make_record(f"i{round_}", seed=round_))
         write_records(storage, 2, make_record(f"cms{round_}", seed=10 + round_))
         Applier(storage, grace_s=0.0).apply_once()  # a second revision of a shard
     rollback(storage, 4)
@@ -137,8 +147,7 @@ def test_prune_keeps_policy_and_removes_unreferenced_files(
 def test_prune_never_touches_a_build_in_progress(
     storage: LocalStorage, make_record: RecordFactory
 ) -> None:
-    write_records(storage, 1, make_record("a", seed=1))
-    build_generation(storage, 1, grace_s=0.0)
+    published(storage, 1, make_record("a", seed=1))
     storage.put("generations/000002/shard-0000.items.npz", b"being written")
     prune(storage, keep_generations=1, keep_days=0.0)
     assert storage.exists("generations/000002/shard-0000.items.npz")
@@ -147,8 +156,7 @@ def test_prune_never_touches_a_build_in_progress(
 def test_eval_reports_recall_against_exact(
     storage: LocalStorage, make_record: RecordFactory
 ) -> None:
-    write_records(storage, 3, *[make_record(f"i{i}", seed=i) for i in range(60)])
-    build_generation(storage, 3, grace_s=0.0)
+    published(storage, 3, *[make_record(f"i{i}", seed=i) for i in range(60)])
     result = evaluate_generation(storage, queries=30)
     assert result["recall_at_k"] == 1.0  # Flat shards are exact
     assert result["queries"] == 30 and len(result["shard_recall_at_10"]) == 3

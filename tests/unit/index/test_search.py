@@ -7,29 +7,10 @@ from common.identity import image_id_for
 from common.storage.local import LocalStorage
 from index.publish import build_generation
 from index.search import Searcher
-from index.segments import SegmentWriter, VectorRecord
-from tests.unit.index.conftest import DIM, MODEL_ID, RecordFactory, unit
+from tests.unit.index.conftest import DIM, RecordFactory, unit, write_records
 
 N_ITEMS = 60
 IMAGES_PER_ITEM = 3
-
-
-def record(item_id: str, image_key: str, vector: np.ndarray, version: int = 1) -> VectorRecord:
-    return VectorRecord(
-        image_id=image_id_for(item_id, image_key),
-        item_id=item_id,
-        version=version,
-        content_hash=f"{item_id}/{image_key}",
-        model_id=MODEL_ID,
-        vector=vector,
-    )
-
-
-def write(storage: LocalStorage, n_shards: int, records: list[VectorRecord]) -> None:
-    writer = SegmentWriter(storage, n_shards=n_shards, writer_id="w1")
-    for r in records:
-        writer.add(r)
-    writer.flush()
 
 
 @pytest.fixture
@@ -38,15 +19,15 @@ def centres() -> np.ndarray:
 
 
 @pytest.fixture
-def clustered(storage: LocalStorage, centres: np.ndarray) -> Searcher:
+def clustered(storage: LocalStorage, centres: np.ndarray, make_record: RecordFactory) -> Searcher:
     """Each item's images are small perturbations of that item's centre."""
     rng = np.random.default_rng(7)
     records = [
-        record(f"item-{i}", str(j), centres[i] + 0.05 * rng.standard_normal(DIM))
+        make_record(f"item-{i}", str(j), vector=centres[i] + 0.05 * rng.standard_normal(DIM))
         for i in range(N_ITEMS)
         for j in range(IMAGES_PER_ITEM)
     ]
-    write(storage, 4, records)
+    write_records(storage, 4, *records)
     build_generation(storage, 4)
     return Searcher(storage)
 
@@ -72,12 +53,20 @@ def test_collapse_gives_one_hit_per_item(clustered: Searcher, centres: np.ndarra
     assert collapsed[0].image_id == raw[0].image_id
 
 
-def test_collapse_finds_k_items_behind_a_crowded_one(storage: LocalStorage) -> None:
+def test_collapse_finds_k_items_behind_a_crowded_one(
+    storage: LocalStorage, make_record: RecordFactory
+) -> None:
     rng = np.random.default_rng(1)
     query = unit(rng.standard_normal(DIM))
-    crowd = [record("crowd", str(j), query + 0.01 * rng.standard_normal(DIM)) for j in range(50)]
-    others = [record(f"other-{i}", "0", query + 0.5 * rng.standard_normal(DIM)) for i in range(10)]
-    write(storage, 1, crowd + others)
+    crowd = [
+        make_record("crowd", str(j), vector=query + 0.01 * rng.standard_normal(DIM))
+        for j in range(50)
+    ]
+    others = [
+        make_record(f"other-{i}", "0", vector=query + 0.5 * rng.standard_normal(DIM))
+        for i in range(10)
+    ]
+    write_records(storage, 1, *crowd, *others)
     build_generation(storage, 1)
     # 50 images of one item outrank everything; over-fetch must dig past them.
     (hits,) = Searcher(storage).search(query[None, :], k=4)
@@ -125,7 +114,7 @@ def test_reload_if_changed(storage: LocalStorage, make_record: RecordFactory) ->
     assert searcher.search(np.ones((2, DIM), np.float32)) == [[], []]
     assert searcher.reload_if_changed() is False
 
-    write(storage, 2, [make_record("a", seed=1)])
+    write_records(storage, 2, make_record("a", seed=1))
     build_generation(storage, 2)
     assert searcher.reload_if_changed() is True
     assert searcher.generation == 1
@@ -133,7 +122,7 @@ def test_reload_if_changed(storage: LocalStorage, make_record: RecordFactory) ->
     assert searcher.count() == 1
 
     b = make_record("b", seed=2)
-    write(storage, 2, [b])
+    write_records(storage, 2, b)
     build_generation(storage, 2)
     assert searcher.count() == 1  # still serving generation 1 until told to reload
     assert searcher.reload_if_changed() is True

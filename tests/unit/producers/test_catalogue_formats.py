@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from common.config import ProducerConfig
 from common.errors import ExitCode, OperatorError
 from common.schema import MAX_ITEM_ID_CHARS, MAX_URL_CHARS, Job
+from imgfleet.factories import column_mapping
 from producers.catalogue.reader import (
     CatalogueItem,
     ColumnMapping,
@@ -270,7 +271,7 @@ def test_mapping_from_producer_config() -> None:
         url_separator=";",
         max_images_per_item=4,
     )
-    assert ColumnMapping.from_config(config) == ColumnMapping(
+    assert column_mapping(config) == ColumnMapping(
         item_id="sku",
         image_urls=("a", "b"),
         version="rev",
@@ -278,7 +279,7 @@ def test_mapping_from_producer_config() -> None:
         url_separator=";",
         max_images_per_item=4,
     )
-    assert ColumnMapping.from_config(ProducerConfig()) == ColumnMapping()
+    assert column_mapping(ProducerConfig()) == ColumnMapping()
 
 
 def test_custom_separator_splits_joined_urls(tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.exceptions import ClientError, ResponseStreamingError
 
-from common.config import StorageConfig
+from common.config import Settings, StorageConfig
 from common.errors import OperatorError
-from common.storage.s3_client import s3_client_from_config
+from imgfleet.factories import storage_s3_client
 from producers.catalogue.reader import CatalogueItem, ColumnMapping, RejectedRow, open_catalogue
 from producers.catalogue.sources import (
     CatalogueAccessError,
@@ -276,7 +276,7 @@ def test_client_from_storage_config_reaches_the_endpoint(
         s3_max_attempts=2,
         s3_timeout_s=5.0,
     )
-    built = s3_client_from_config(config)
+    built = storage_s3_client(Settings(storage=config))
     assert built.meta.endpoint_url == s3_endpoint
     # botocore counts the first try too: two retries are three attempts.
     assert built.meta.config.retries == {"mode": "standard", "total_max_attempts": 3}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from pathlib import Path
 
@@ -19,18 +18,16 @@ from producers.cms.idempotency import (
     key_hash,
     key_problem,
 )
+from tests.support.clock import FakeClock
+from tests.support.races import race_processes
+
+START_S = 1_000_000.0  # the stores' clocks start here
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _store(root: Path, clock: Clock | None = None, ttl_s: float = 3600) -> IdempotencyStore:
-    return IdempotencyStore(LocalStorage(root), ttl_s=ttl_s, lease_s=40, clock=clock or Clock())
+def _store(root: Path, clock: FakeClock | None = None, ttl_s: float = 3600) -> IdempotencyStore:
+    return IdempotencyStore(
+        LocalStorage(root), ttl_s=ttl_s, lease_s=40, clock=clock or FakeClock(START_S)
+    )
 
 
 def test_claim_then_complete_then_replay(tmp_path: Path) -> None:
@@ -71,13 +68,13 @@ def test_an_abandoned_claim_frees_the_key_at_once(tmp_path: Path) -> None:
 
 
 def test_a_dead_holders_lease_runs_out_and_the_key_is_taken_over(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock(START_S)
     store = _store(tmp_path, clock)
     dead = store.begin("k", "fp")
     assert isinstance(dead, Claim)
-    clock.now += 39
+    clock.now_s += 39
     assert store.begin("k", "fp") == InProgress()
-    clock.now += 2  # past the 40 s lease
+    clock.now_s += 2  # past the 40 s lease
     taken = store.begin("k", "fp")
     assert isinstance(taken, Claim) and taken.owner != dead.owner
     store.complete(taken, 202, b"{}")
@@ -85,18 +82,18 @@ def test_a_dead_holders_lease_runs_out_and_the_key_is_taken_over(tmp_path: Path)
 
 
 def test_completed_keys_expire_after_the_ttl_and_are_purged(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock(START_S)
     store = _store(tmp_path, clock, ttl_s=100)
     for key in ("a", "b"):
         claim = store.begin(key, "fp")
         assert isinstance(claim, Claim)
         store.complete(claim, 202, b"{}")
-    clock.now += 50
+    clock.now_s += 50
     late = store.begin("c", "fp")  # completes later, expires later
     assert isinstance(late, Claim)
     store.complete(late, 202, b"{}")
     assert store.begin("a", "fp") == Replay(202, b"{}")
-    clock.now += 60  # a and b are 110 s old, c 60 s
+    clock.now_s += 60  # a and b are 110 s old, c 60 s
     assert store.purge_expired() == 2
     assert len([k for k in store.storage.list("cms/idempotency/") if k.endswith(".json")]) == 1
     # An expired key is a new key: claimable, with any body.
@@ -130,21 +127,12 @@ def test_threads_racing_for_one_key_get_exactly_one_claim(tmp_path: Path) -> Non
     assert all(isinstance(o, Claim | InProgress) for o in outcomes)
 
 
-def _claim_in_process(root: str, start: multiprocessing.synchronize.Event) -> bool:  # type: ignore[name-defined]
-    start.wait()
+def _claim_in_process(_n: int, root: str) -> bool:
     return isinstance(_store(Path(root)).begin("contended", "fp"), Claim)
 
 
 def test_processes_racing_for_one_key_get_exactly_one_claim(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Manager() as manager:
-        start = manager.Event()
-        with ctx.Pool(4) as pool:
-            results = [
-                pool.apply_async(_claim_in_process, (str(tmp_path), start)) for _ in range(4)
-            ]
-            start.set()
-            claimed = [r.get(30) for r in results]
+    claimed = race_processes(_claim_in_process, str(tmp_path))
     assert claimed.count(True) == 1
 
 
@@ -169,21 +157,23 @@ def test_good_keys_pass() -> None:
 
 @pytest.mark.integration
 def test_on_s3_claims_are_conditional_writes(s3_endpoint: str) -> None:
-    from common.config import StorageConfig
-    from common.storage.s3 import S3Storage
+    from common.config import Settings, StorageConfig
+    from imgfleet.factories import make_storage
     from tests.conftest import s3_client
 
     s3_client(s3_endpoint).create_bucket(Bucket="cms-idem")
-    storage = S3Storage.from_config(
-        StorageConfig(
-            kind="s3",
-            s3_bucket="cms-idem",
-            s3_endpoint_url=s3_endpoint,
-            s3_access_key_id="test",  # type: ignore[arg-type]
-            s3_secret_access_key="test",  # type: ignore[arg-type]
+    storage = make_storage(
+        Settings(
+            storage=StorageConfig(
+                kind="s3",
+                s3_bucket="cms-idem",
+                s3_endpoint_url=s3_endpoint,
+                s3_access_key_id="test",  # type: ignore[arg-type]
+                s3_secret_access_key="test",  # type: ignore[arg-type]
+            )
         )
     )
-    clock = Clock()
+    clock = FakeClock(START_S)
     stores = [IdempotencyStore(storage, ttl_s=100, lease_s=40, clock=clock) for _ in range(6)]
     outcomes: list[object] = []
     barrier = threading.Barrier(len(stores))
@@ -202,6 +192,6 @@ def test_on_s3_claims_are_conditional_writes(s3_endpoint: str) -> None:
     stores[0].complete(claims[0], 202, b'{"ok":true}')
     assert stores[3].begin("s3-key", "fp") == Replay(202, b'{"ok":true}')
     assert stores[3].begin("s3-key", "other") == KeyReused()
-    clock.now += 101
+    clock.now_s += 101
     assert stores[1].purge_expired() == 1
     assert storage.list("cms/idempotency/") == []

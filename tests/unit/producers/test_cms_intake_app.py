@@ -30,6 +30,7 @@ from imgfleet.factories import intake_settings
 from producers.cms.app import Intake
 from producers.cms.client import CmsClient, CmsRequestError
 from producers.cms.runtime import BrokerLink, IntakeSettings
+from tests.support.aio import ask
 from tests.support.cms_server import IntakeThread
 from tests.support.fleet import REPO_ROOT
 
@@ -53,15 +54,7 @@ def intake(tmp_path: Path) -> Iterator[IntakeThread]:
 
 
 def _queued(tmp_path: Path) -> int:
-    async def count() -> int:
-        broker = LocalBroker(tmp_path / "queue.sqlite3", prefetch=10)
-        await broker.connect()
-        try:
-            return await broker.pending()
-        finally:
-            await broker.close()
-
-    return asyncio.run(count())
+    return ask(LocalBroker(tmp_path / "queue.sqlite3", prefetch=10), lambda b: b.pending())
 
 
 def _send(
@@ -247,33 +240,21 @@ def test_the_cli_refuses_to_start_without_tokens(tmp_path: Path) -> None:
         "IMGFLEET_BROKER__LOCAL_PATH": str(tmp_path / "q.sqlite3"),
         "IMGFLEET_STORAGE__ROOT": str(tmp_path / "store"),
     }
-    run = subprocess.run(
-        [sys.executable, "-m", "imgfleet", "serve", "cms", "--port", "0"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def serve_cms(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "imgfleet", "serve", "cms", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    run = serve_cms("--port", "0")
     assert run.returncode == 2
     assert "cms.tokens is empty" in run.stderr
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imgfleet",
-            "serve",
-            "cms",
-            "--host",
-            "0.0.0.0",
-            "--insecure-no-auth",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = serve_cms("--host", "0.0.0.0", "--insecure-no-auth")
     assert run.returncode == 2
     assert "--insecure-no-auth only binds a loopback address" in run.stderr
     assert not (tmp_path / "q.sqlite3").exists(), "nothing was opened before the refusal"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,22 +25,19 @@ from common.brokers.local.broker import LocalBroker
 from common.identity import image_id_for
 from common.schema import Job, Op
 from common.storage.local import LocalStorage
-from imgfleet.run_registry import IndexRunRegistry
 from index.publish import build_generation
 from index.search import Searcher
-from index.segments import SegmentWriter, VectorRecord
-from producers.catalogue.reader import open_catalogue
 from producers.nightly.checkpoint import load_checkpoint
-from producers.nightly.run import dry_run
 from producers.nightly.snapshot import load_snapshot
 from producers.nightly.upserts import PublishReport, publish_catalogue
 from tests.support.catalogue_factory import Written, write_catalogue
+from tests.support.fleet import REPO_ROOT, local_env
+from tests.support.segments import write_job_records
 from tests.unit.producers.test_publish_run import (
-    REPO_ROOT,
     Crash,
     _assert_exactly_once,
     _drain,
-    _options,
+    _dry_run,
     _run,
     crash_after,
 )
@@ -70,6 +66,19 @@ def _by_image(jobs: list[Job]) -> dict[tuple[str, str], tuple[Op, str | None, in
 U = Op.UPSERT
 
 
+def _publish(tmp_path: Path, path: Path, **options: Any) -> PublishReport:
+    """The rows of ``path`` published as run-1 to the local queue under ``tmp_path``."""
+
+    async def publish() -> PublishReport:
+        broker = LocalBroker(tmp_path / "queue.sqlite3")
+        try:
+            return await publish_catalogue(broker, path, "run-1", **options)
+        finally:
+            await broker.close()
+
+    return asyncio.run(publish())
+
+
 def test_a_repeated_item_publishes_only_its_newest_row(tmp_path: Path) -> None:
     path = _catalogue(
         tmp_path / "cat.jsonl",
@@ -86,17 +95,7 @@ def test_a_repeated_item_publishes_only_its_newest_row(tmp_path: Path) -> None:
         ],
     ).path
     rejects = tmp_path / "rejects.jsonl"
-
-    async def publish() -> PublishReport:
-        broker = LocalBroker(tmp_path / "queue.sqlite3")
-        try:
-            return await publish_catalogue(
-                broker, path, "run-1", batch_size=2, rejects_path=rejects
-            )
-        finally:
-            await broker.close()
-
-    report = asyncio.run(publish())
+    report = _publish(tmp_path, path, batch_size=2, rejects_path=rejects)
     assert _by_image(asyncio.run(_drain(tmp_path))) == {
         ("dup-up", "0"): (U, "http://x/up-v2-0.jpg", 2),
         ("dup-up", "1"): (U, "http://x/up-v2-1.jpg", 2),
@@ -124,15 +123,7 @@ def test_padded_ids_are_rejected_not_merged_with_the_trimmed_id(tmp_path: Path) 
             _row("in side", ["http://x/inside.jpg"]),  # inner whitespace is part of the id
         ],
     ).path
-
-    async def publish() -> PublishReport:
-        broker = LocalBroker(tmp_path / "queue.sqlite3")
-        try:
-            return await publish_catalogue(broker, path, "run-1")
-        finally:
-            await broker.close()
-
-    report = asyncio.run(publish())
+    report = _publish(tmp_path, path)
     assert _by_image(asyncio.run(_drain(tmp_path))) == {
         ("padded", "0"): (U, "http://x/padded.jpg", 1),
         ("in side", "0"): (U, "http://x/inside.jpg", 1),
@@ -158,14 +149,7 @@ def test_a_rejected_row_keeps_its_item_and_never_trips_the_delete_guard(
     ]
     rows.append("{not json")  # a row naming no item: counted apart
     second = _catalogue(tmp_path / "r2.jsonl", rows)  # it-9 is gone
-    estimate, deletes_info = asyncio.run(
-        dry_run(
-            lambda: open_catalogue(second.path),
-            _options("night-2", second.path),
-            storage=storage,
-            registry=IndexRunRegistry(storage),
-        )
-    )
+    estimate, deletes_info = _dry_run(storage, "night-2", second.path)
     assert (deletes_info["would_delete"], deletes_info["guard_trips"]) == (2, False)
     assert (estimate.kept_items, estimate.jobs) == (5, 18)
     report = asyncio.run(_run(tmp_path, "night-2", second))
@@ -240,21 +224,11 @@ def _stand_in_vector(url: str) -> np.ndarray:
 def _index(store: Path, jobs: list[Job], run_id: str) -> Searcher:
     """One segment record per job, as the workers would write them; build from the run."""
     storage = LocalStorage(store)
-    writer = SegmentWriter(storage, 2, f"w-{run_id}")
-    for job in jobs:
-        vector = None if job.op is Op.DELETE or job.url is None else _stand_in_vector(job.url)
-        writer.add(
-            VectorRecord(
-                image_id=job.image_id,
-                item_id=job.item_id,
-                version=job.version,
-                content_hash="h",
-                model_id="stand-in",
-                vector=vector,
-                run_id=job.run_id,
-            )
-        )
-    writer.flush()
+
+    def vector_of(job: Job) -> np.ndarray | None:
+        return None if job.op is Op.DELETE or job.url is None else _stand_in_vector(job.url)
+
+    write_job_records(storage, 2, f"w-{run_id}", jobs, vector_of)
     build_generation(storage, 2, run_id=run_id)
     return Searcher(storage)
 
@@ -306,14 +280,7 @@ def test_end_to_end_two_runs_then_the_built_index(tmp_path: Path) -> None:
             *_FILLERS,
         ],
     )
-    env = {
-        **os.environ,
-        "IMGFLEET_BROKER__LOCAL_PATH": str(tmp_path / "queue.sqlite3"),
-        "IMGFLEET_STORAGE__ROOT": str(tmp_path / "store"),
-        "IMGFLEET_PRODUCER__CATALOGUE_NAME": "shop",
-        "IMGFLEET_LOGGING__LEVEL": "warning",
-        "IMGFLEET_METRICS__PORT": "0",
-    }
+    env = local_env(tmp_path, IMGFLEET_PRODUCER__CATALOGUE_NAME="shop")
     cmd = [sys.executable, "-m", "imgfleet", "produce", "catalogue", str(second.path)]
     out = subprocess.run(
         [*cmd, "--run-id", "night-2", "--json"],

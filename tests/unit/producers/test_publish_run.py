@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import urllib.request
@@ -37,9 +36,8 @@ from producers.nightly.run import CatalogueRun, RunConflictError, RunOptions, dr
 from producers.nightly.upserts import PublishReport
 from tests.support.catalogue_factory import Written, write_catalogue
 from tests.support.faulty_cli import FAULTY_CLI, KILL_AFTER_JOBS_ENV
+from tests.support.fleet import REPO_ROOT, local_env
 from tests.support.waiting import wait_for
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 class Crash(Exception):
@@ -67,6 +65,18 @@ def _options(run_id: str, source: Path, **extra: Any) -> RunOptions:
     return RunOptions(run_id=run_id, source=str(source), **values)
 
 
+def _dry_run(storage: LocalStorage, run_id: str, source: Path) -> tuple[Any, dict[str, Any]]:
+    """``dry_run``'s (estimate, deletes) for the run ``run_id`` of ``source``."""
+    return asyncio.run(
+        dry_run(
+            lambda: open_catalogue(source),
+            _options(run_id, source),
+            storage=storage,
+            registry=IndexRunRegistry(storage),
+        )
+    )
+
+
 async def _run(
     root: Path,
     run_id: str,
@@ -85,7 +95,7 @@ async def _run(
             storage=storage,
             registry=IndexRunRegistry(storage),
             on_confirmed=on_confirmed,
-            metrics=metrics,
+            metrics=metrics or ProducerMetrics(),
         )
         return await run.run(lambda: open_catalogue(written.path))
     finally:
@@ -206,14 +216,7 @@ def test_second_run_deletes_what_is_gone_and_guard_stops_a_truncated_file(
     assert (run.expected_jobs, run.deleted_jobs) == (len(second.images) + len(gone), len(gone))
 
     truncated = write_catalogue(tmp_path / "truncated.jsonl", 1000)
-    estimate, deletes_info = asyncio.run(
-        dry_run(
-            lambda: open_catalogue(truncated.path),
-            _options("night-3", truncated.path),
-            storage=storage,
-            registry=IndexRunRegistry(storage),
-        )
-    )
+    estimate, deletes_info = _dry_run(storage, "night-3", truncated.path)
     assert deletes_info["guard_trips"] is True and estimate.deleted > 0
     assert asyncio.run(_drain(tmp_path)) == []  # the dry run published nothing
     with pytest.raises(MassDeleteError, match="would delete"):
@@ -231,15 +234,11 @@ def test_second_run_deletes_what_is_gone_and_guard_stops_a_truncated_file(
 @pytest.mark.integration
 def test_sigkill_of_the_cli_right_after_a_confirm_then_resume(tmp_path: Path) -> None:
     written = write_catalogue(tmp_path / "cat.jsonl", 5000)
-    env = {
-        **os.environ,
-        "IMGFLEET_BROKER__LOCAL_PATH": str(tmp_path / "queue.sqlite3"),
-        "IMGFLEET_STORAGE__ROOT": str(tmp_path / "store"),
-        "IMGFLEET_PRODUCER__BATCH_SIZE": "200",
-        "IMGFLEET_PRODUCER__CHECKPOINT_INTERVAL_S": "0.2",
-        "IMGFLEET_LOGGING__LEVEL": "warning",
-        "IMGFLEET_METRICS__PORT": "0",
-    }
+    env = local_env(
+        tmp_path,
+        IMGFLEET_PRODUCER__BATCH_SIZE="200",
+        IMGFLEET_PRODUCER__CHECKPOINT_INTERVAL_S="0.2",
+    )
     cmd = [sys.executable, "-m", "imgfleet", "produce", "catalogue", str(written.path), "--json"]
     killed = subprocess.run(
         [sys.executable, "-m", FAULTY_CLI, *cmd[3:], "--run-id", "night-9"],
@@ -314,16 +313,12 @@ def test_a_publish_that_failed_for_good_is_sent_again_on_resume(tmp_path: Path) 
 def test_the_producer_serves_its_metrics_while_it_runs(tmp_path: Path) -> None:
     written = write_catalogue(tmp_path / "cat.jsonl", 300)
     port_file = tmp_path / "metrics.port"
-    env = {
-        **os.environ,
-        "IMGFLEET_BROKER__LOCAL_PATH": str(tmp_path / "queue.sqlite3"),
-        "IMGFLEET_STORAGE__ROOT": str(tmp_path / "store"),
-        "IMGFLEET_PRODUCER__BATCH_SIZE": "20",
-        "IMGFLEET_METRICS__HOST": "127.0.0.1",
-        "IMGFLEET_METRICS__PORT": "0",
-        "IMGFLEET_METRICS__PORT_FILE": str(port_file),
-        "IMGFLEET_LOGGING__LEVEL": "warning",
-    }
+    env = local_env(
+        tmp_path,
+        IMGFLEET_PRODUCER__BATCH_SIZE="20",
+        IMGFLEET_METRICS__HOST="127.0.0.1",
+        IMGFLEET_METRICS__PORT_FILE=str(port_file),
+    )
     # Rate-limited so the run lasts a few seconds: long enough to be scraped mid-run.
     cmd = [sys.executable, "-m", "imgfleet", "produce", "catalogue", str(written.path)]
     cmd += ["--run-id", "scraped", "--max-rate", "100", "--json"]
@@ -345,9 +340,19 @@ def test_the_producer_serves_its_metrics_while_it_runs(tmp_path: Path) -> None:
             return bool(seen) and seen[-1] > 0
 
         wait_for(published_mid_run, 60, "published jobs in the producer's metrics")
+        # The same ops listener as every long-running process: liveness from the run's
+        # event loop, readiness while the broker is connected.
+        probes = {}
+        for path in ("/healthz", "/readyz"):
+            with urllib.request.urlopen(url.removesuffix("/metrics") + path, timeout=5) as answer:
+                probes[path] = (answer.status, json.loads(answer.read()))
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0
     assert 0 < seen[-1] < len(written.images), "scraped after the run, not during it"
+    live_status, live = probes["/healthz"]
+    assert live_status == 200 and live["checks"]["heartbeat:event_loop"]["ok"] is True
+    ready_status, ready = probes["/readyz"]
+    assert ready_status == 200 and ready["conditions"] == {"broker": True}
     assert json.loads(out.decode().splitlines()[-1])["jobs"] == len(written.images)

@@ -103,27 +103,21 @@ def test_animated_webp_goes_to_pillow_first_frame() -> None:
     assert (np.abs(result.pixels.astype(int) - (255, 0, 0)) <= 2).all()
 
 
-def test_webp_with_exif_orientation_goes_to_pillow() -> None:
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("WEBP", {"quality": 95}), ("PNG", {})],
+    ids=["webp-exif-orientation", "png-exif-chunk"],
+)
+def test_an_exif_rotated_webp_or_png_goes_to_pillow_and_is_rotated(
+    fmt: str, options: dict[str, int]
+) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     shown = np.zeros((400, 300, 3), np.uint8)
     shown[:200] = (255, 0, 0)
     shown[200:] = (0, 0, 255)
     stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)
-    data = encode(stored, "WEBP", quality=95, exif=exif.tobytes())
-    result = decode_image(data)
-    assert result.path == "pillow"
-    assert result.pixels[10, 112][0] > 200 and result.pixels[-10, 112][2] > 200
-
-
-def test_png_with_exif_chunk_goes_to_pillow_and_is_rotated() -> None:
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    shown = np.zeros((400, 300, 3), np.uint8)
-    shown[:200] = (255, 0, 0)
-    shown[200:] = (0, 0, 255)
-    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)
-    data = encode(stored, "PNG", exif=exif.tobytes())
+    data = encode(stored, fmt, exif=exif.tobytes(), **options)
     result = decode_image(data)
     assert result.path == "pillow"
     assert result.pixels[10, 112][0] > 200 and result.pixels[-10, 112][2] > 200

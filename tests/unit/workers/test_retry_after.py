@@ -19,6 +19,7 @@ from common.errors import JobFailure, Reason, TransientError
 from common.schema import Job
 from common.storage.local import LocalStorage
 from index.segments import SegmentWriter
+from tests.support.clock import FakeClock
 from tests.support.faulty_image_server import FaultyImageServer
 from tests.support.fetching import url_fetcher
 from workers.ack_policy import decide
@@ -29,14 +30,6 @@ from workers.pipeline import PipelineSettings, Worker
 
 LOOPBACK = ["127.0.0.1/32"]
 POLICY = {"max_attempts": 3, "retry_base_s": 1.0, "retry_max_s": 10.0}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 # -- the pure policy -----------------------------------------------------------------------
@@ -73,7 +66,7 @@ def test_a_hold_is_what_a_429_or_503_asked_for_capped() -> None:
 
 
 def test_holds_per_origin_keep_the_longest_and_expire() -> None:
-    clock = Clock()
+    clock = FakeClock()
     holds = HostHolds(clock=clock)
     holds.hold("http://a:80", 5.0, 429)
     holds.hold("http://a:80", 2.0, 503)  # answers that cross: the longer wait stays
@@ -89,7 +82,7 @@ def test_holds_per_origin_keep_the_longest_and_expire() -> None:
 
 
 def test_the_table_stays_small_dropping_expired_then_the_soonest_holds() -> None:
-    clock = Clock()
+    clock = FakeClock()
     holds = HostHolds(max_hosts=3, clock=clock)
     holds.hold("old", 1.0, 429)
     clock.now_s += 2.0  # "old" has expired
