@@ -131,10 +131,10 @@ def make_storage(settings: Settings) -> Storage:
 
         return S3Storage(
             s.s3_bucket,
+            storage_s3_client(settings),
             prefix=s.s3_prefix,
             endpoint_url=s3_endpoint(settings, s.s3_endpoint_url)["endpoint_url"] or None,
             conditional_writes=s.s3_conditional_writes,
-            client=storage_s3_client(settings),
         )
     raise ConfigError(f"unknown storage.kind={s.kind!r}")
 

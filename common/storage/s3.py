@@ -28,7 +28,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.errors import ConfigError, PermanentError, Reason, TransientError
 from common.storage.base import ObjectNotFoundError, Versioned, check_key
 from common.storage.cas import compare_then_put
-from common.storage.s3_client import make_s3_client
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
 _MULTIPART_ABOVE_BYTES = 64 * 2**20
@@ -48,21 +47,18 @@ def _code(exc: ClientError) -> str:
 
 
 class S3Storage:
-    """One bucket, keys under an optional prefix."""
+    """One bucket, keys under an optional prefix, through ``client`` (a boto3 S3 client:
+    ``imgfleet.factories.storage_s3_client`` makes it from ``[storage]`` over ``[s3]``,
+    with its retries and timeouts). ``endpoint_url`` is only shown, in the repr."""
 
     def __init__(
         self,
         bucket: str,
+        client: Any,
         *,
         prefix: str = "",
         endpoint_url: str | None = None,
-        access_key_id: str | None = None,
-        secret_access_key: str | None = None,
-        region: str = "us-east-1",
-        max_attempts: int = 5,
-        timeout_s: float = 60.0,
         conditional_writes: bool = True,
-        client: Any = None,
     ) -> None:
         if not bucket:
             raise ConfigError("storage.s3_bucket is required for storage.kind='s3'")
@@ -70,15 +66,7 @@ class S3Storage:
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint_url = endpoint_url or None
         self.conditional_writes = conditional_writes
-        self._client = client or make_s3_client(
-            endpoint_url=self.endpoint_url,
-            region=region,
-            access_key_id=access_key_id,
-            secret_access_key=secret_access_key,
-            connect_timeout_s=timeout_s,
-            read_timeout_s=timeout_s,
-            max_attempts=max_attempts,
-        )
+        self._client = client
 
     def __repr__(self) -> str:
         # Never the credentials.

@@ -20,6 +20,7 @@ import time
 import urllib.parse
 from typing import Any
 
+from common.config import WorkerConfig
 from common.errors import PermanentError, Reason, TransientError
 from common.storage.s3_client import make_s3_client
 from workers.fetch.types import FetchResult
@@ -35,6 +36,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
+_DEFAULTS = WorkerConfig()  # [worker]'s, as the HTTP fetcher takes them
+
+
 class S3Fetcher:
     def __init__(
         self,
@@ -43,10 +47,10 @@ class S3Fetcher:
         region: str = "",
         access_key_id: str = "",
         secret_access_key: str = "",
-        connect_timeout_s: float = 5.0,
-        read_timeout_s: float = 15.0,
-        max_bytes: int = 32 * 2**20,
-        max_connections: int = 16,
+        connect_timeout_s: float = _DEFAULTS.connect_timeout_s,
+        read_timeout_s: float = _DEFAULTS.read_timeout_s,
+        max_bytes: int = _DEFAULTS.max_download_bytes,
+        max_connections: int = _DEFAULTS.fetch_per_host_limit,
     ) -> None:
         self.endpoint_url = endpoint_url or None
         self.region = region or None

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.config import load_settings
 from common.storage.s3 import S3Storage, StorageRejectedError
 from common.storage.s3_client import make_s3_client
-from tests.support.storage import ACCESS_KEY, fresh_s3_storage
+from imgfleet.factories import make_storage
+from tests.support.storage import ACCESS_KEY, fresh_s3_storage, storage_client
 from workers.fetch.s3 import S3Fetcher
 
 pytestmark = pytest.mark.integration
@@ -42,11 +44,7 @@ def test_large_object_goes_multipart_and_reads_back(s3_storage: S3Storage, tmp_p
 
 def test_missing_bucket_is_a_clear_error(s3_endpoint: str) -> None:
     storage = S3Storage(
-        "no-such-bucket-here",
-        endpoint_url=s3_endpoint,
-        access_key_id=ACCESS_KEY,
-        secret_access_key=ACCESS_KEY,
-        max_attempts=1,
+        "no-such-bucket-here", storage_client(s3_endpoint, max_attempts=1), endpoint_url=s3_endpoint
     )
     with pytest.raises(StorageRejectedError, match="does not exist"):
         storage.put("x", b"y")
@@ -64,9 +62,18 @@ def test_without_conditional_writes_a_stale_token_is_still_refused(s3_endpoint: 
 
 
 def test_the_storage_client_has_its_retries_and_timeouts(s3_endpoint: str) -> None:
-    storage = S3Storage(
-        "b", endpoint_url=s3_endpoint, region="eu-west-1", max_attempts=2, timeout_s=7.0
+    settings = load_settings(
+        storage={
+            "kind": "s3",
+            "s3_bucket": "b",
+            "s3_endpoint_url": s3_endpoint,
+            "s3_region": "eu-west-1",
+            "s3_max_attempts": 2,
+            "s3_timeout_s": 7.0,
+        }
     )
+    storage = make_storage(settings)
+    assert isinstance(storage, S3Storage)
     meta = storage._client.meta
     assert (meta.endpoint_url, meta.region_name) == (s3_endpoint, "eu-west-1")
     # botocore counts the first try too: two retries are three attempts.
