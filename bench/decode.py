@@ -35,7 +35,7 @@ _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))
 
-from bench._harness import bench_parser, host_figures, report  # noqa: E402
+from bench.support.harness import bench_parser, host_figures, report  # noqa: E402
 
 MIX = (("jpeg", 0.70), ("progressive", 0.15), ("png", 0.08), ("webp", 0.05), ("broken", 0.02))
 

@@ -42,7 +42,7 @@ _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))
 
-from bench._harness import bench_parser, host_figures, report  # noqa: E402
+from bench.support.harness import bench_parser, host_figures, report  # noqa: E402
 
 # Project imports live inside functions: the decode pool spawns processes that re-import
 # this module, and they must not pay for torch.

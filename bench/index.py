@@ -33,7 +33,7 @@ import numpy as np
 # this file, and stdlib modules with sibling benchmarks (bench/queue.py).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench._harness import bench_parser, report  # noqa: E402
+from bench.support.harness import bench_parser, report  # noqa: E402
 
 DIM = 256
 MODEL_ID = "bench-model"

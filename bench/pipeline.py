@@ -34,7 +34,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench._harness import bench_parser, host_figures, report  # noqa: E402
+from bench.support.harness import bench_parser, host_figures, report  # noqa: E402
 
 # Project imports live inside functions: the decode pool spawns processes that re-import
 # this module, and they must not pay for torch.

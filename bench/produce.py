@@ -44,8 +44,8 @@ from typing import Any  # noqa: E402
 
 import orjson  # noqa: E402
 
-from bench._harness import bench_parser, machine_summary, report  # noqa: E402
-from bench._rabbitmq import RABBITMQ_URL, fresh_topology, naive_queue  # noqa: E402
+from bench.support.harness import bench_parser, machine_summary, report  # noqa: E402
+from bench.support.rabbitmq import RABBITMQ_URL, fresh_topology, naive_queue  # noqa: E402
 
 
 def write_catalogue(path: Path, rows: int) -> int:

@@ -38,8 +38,8 @@ from collections.abc import AsyncIterator  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench._harness import bench_parser, machine_summary, report  # noqa: E402
-from bench._rabbitmq import RABBITMQ_URL, fresh_topology, naive_queue  # noqa: E402
+from bench.support.harness import bench_parser, machine_summary, report  # noqa: E402
+from bench.support.rabbitmq import RABBITMQ_URL, fresh_topology, naive_queue  # noqa: E402
 from common.brokers.rabbitmq.broker import RabbitMQBroker  # noqa: E402
 from common.config import load_settings  # noqa: E402
 from common.schema import Job  # noqa: E402

@@ -38,7 +38,7 @@ from collections.abc import Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench._harness import bench_parser, host_figures, report  # noqa: E402
+from bench.support.harness import bench_parser, host_figures, report  # noqa: E402
 
 SESSION_TIMEOUT_MS = 6000
 PUBLISH_BATCH = 500

@@ -129,11 +129,12 @@ def make_storage(settings: Settings) -> Storage:
     if s.kind == "s3":
         from common.storage.s3 import S3Storage
 
+        where = _storage_endpoint(settings)
         return S3Storage(
             s.s3_bucket,
-            storage_s3_client(settings),
+            _storage_client(settings, where),
             prefix=s.s3_prefix,
-            endpoint_url=s3_endpoint(settings, s.s3_endpoint_url)["endpoint_url"] or None,
+            endpoint_url=where["endpoint_url"] or None,
             conditional_writes=s.s3_conditional_writes,
         )
     raise ConfigError(f"unknown storage.kind={s.kind!r}")
@@ -158,12 +159,10 @@ def s3_endpoint(
     The key pair is taken whole from one place, never an id from one and a secret from
     the other. Empty values keep boto3's defaults (AWS, its credential chain)."""
     shared = settings.s3
-    own_key = access_key_id.get_secret_value() if access_key_id is not None else ""
-    key_id, secret = (
-        (own_key, secret_access_key.get_secret_value() if secret_access_key is not None else "")
-        if own_key
-        else (shared.access_key_id.get_secret_value(), shared.secret_access_key.get_secret_value())
-    )
+    if access_key_id is None or not access_key_id.get_secret_value():
+        access_key_id, secret_access_key = shared.access_key_id, shared.secret_access_key
+    key_id = access_key_id.get_secret_value()
+    secret = secret_access_key.get_secret_value() if secret_access_key is not None else ""
     return S3Endpoint(
         endpoint_url=endpoint_url or shared.endpoint_url,
         region=region or shared.region,
@@ -174,13 +173,22 @@ def s3_endpoint(
 
 def storage_s3_client(settings: Settings) -> Any:
     """The S3 client of the index storage and of s3:// catalogues, which share it."""
-    from common.storage.s3_client import make_s3_client
+    return _storage_client(settings, _storage_endpoint(settings))
 
+
+def _storage_endpoint(settings: Settings) -> S3Endpoint:
     s = settings.storage
     where = s3_endpoint(
         settings, s.s3_endpoint_url, s.s3_region, s.s3_access_key_id, s.s3_secret_access_key
     )
     where["region"] = where["region"] or STORAGE_DEFAULT_REGION
+    return where
+
+
+def _storage_client(settings: Settings, where: S3Endpoint) -> Any:
+    from common.storage.s3_client import make_s3_client
+
+    s = settings.storage
     return make_s3_client(
         **where,
         connect_timeout_s=s.s3_timeout_s,

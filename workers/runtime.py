@@ -138,8 +138,7 @@ class WorkerRuntime:
         health.set_ready("model", False)
         health.set_ready("broker", False)
         with serving_ops(metrics, health, s.ops, process="worker"):
-            beat_s = min(1.0, s.stall_after_s / 4)
-            self._start(health.beat_event_loop(beat_s, on_lag=metrics.event_loop_lag.set))
+            self._start(health.beat_event_loop(on_lag=metrics.event_loop_lag.set))
             try:
                 return await self._connect_and_work(until_idle, progress_total)
             finally:

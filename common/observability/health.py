@@ -168,7 +168,7 @@ class Health:
 
     async def beat_event_loop(
         self,
-        interval_s: float = 1.0,
+        interval_s: float | None = None,
         *,
         on_lag: Callable[[float], None] | None = None,
         name: str = "event_loop",
@@ -176,8 +176,11 @@ class Health:
         """Beat ``name`` every ``interval_s`` from the running loop, until cancelled.
 
         A loop blocked by synchronous work cannot run this task, so the heartbeat ages
-        and liveness fails; ``on_lag`` gets how late each beat ran.
+        and liveness fails; ``on_lag`` gets how late each beat ran. By default it beats
+        every second, or four times within ``stall_after_s`` where that is shorter.
         """
+        if interval_s is None:
+            interval_s = min(1.0, self.stall_after_s / 4)
         beat = self.heartbeat(name)
         try:
             while True:

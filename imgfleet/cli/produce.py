@@ -168,32 +168,33 @@ async def _produce_catalogue(
 
         broker = make_broker(settings)
         health.set_ready("broker", False)
-        beating = asyncio.create_task(health.beat_event_loop(min(1.0, health.stall_after_s / 4)))
+        beating = asyncio.create_task(health.beat_event_loop())
         try:
-            with _client_libraries_quiet():
-                await broker.connect()
-        except (ConfigError, TransientError) as exc:
-            beating.cancel()
-            return _fail(f"cannot connect to the broker: {exc}", ExitCode.FAILED)
-        health.set_ready("broker", True)
-        try:
-            report = await CatalogueRun(
-                options, broker=broker, storage=storage, registry=registry, metrics=metrics
-            ).run(open_source)
-        except (RunConflictError, MassDeleteError) as exc:
-            # A run id taken (4), nothing to resume (2), the mass-delete guard (3).
-            return _fail(str(exc), exc.exit_code)
-        except (ImgfleetError, OSError) as exc:
-            return _fail(
-                f"run {run_id!r} stopped: {exc}. What was confirmed stays published; "
-                f"continue with --resume {run_id}",
-                ExitCode.FAILED,
-            )
+            try:
+                with _client_libraries_quiet():
+                    await broker.connect()
+            except (ConfigError, TransientError) as exc:
+                return _fail(f"cannot connect to the broker: {exc}", ExitCode.FAILED)
+            health.set_ready("broker", True)
+            try:
+                report = await CatalogueRun(
+                    options, broker=broker, storage=storage, registry=registry, metrics=metrics
+                ).run(open_source)
+            except (RunConflictError, MassDeleteError) as exc:
+                # A run id taken (4), nothing to resume (2), the mass-delete guard (3).
+                return _fail(str(exc), exc.exit_code)
+            except (ImgfleetError, OSError) as exc:
+                return _fail(
+                    f"run {run_id!r} stopped: {exc}. What was confirmed stays published; "
+                    f"continue with --resume {run_id}",
+                    ExitCode.FAILED,
+                )
+            finally:
+                health.set_ready("broker", False)
+                with contextlib.suppress(Exception):
+                    await broker.close()
         finally:
-            health.set_ready("broker", False)
             beating.cancel()
-            with contextlib.suppress(Exception):
-                await broker.close()
     _print_report(report.as_dict(), report.rejects, args.json)
     return ExitCode.OK
 

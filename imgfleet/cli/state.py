@@ -27,12 +27,14 @@ def read_known_run(storage: Storage | None, run_id: str) -> RunInfo:
 
     # A run that is there is read at once: listing every run (a LIST on S3) is only for
     # the message about one that is not.
-    try:
-        key: str | None = run_key(run_id)
-    except ValueError:
-        key = None  # not a run id at all: no such run
-    if storage is not None and key is not None and storage.exists(key):
-        return read_run(storage, run_id)
+    if storage is not None:
+        try:
+            return read_run(storage, run_id)
+        except ValueError:
+            pass  # not a run id at all: no such run
+        except RunNotFoundError:
+            if storage.exists(run_key(run_id)):
+                raise  # there, but not a valid run: say that
     known = sorted(nightly_runs(storage)) if storage is not None else []
     raise RunNotFoundError(f"no run {run_id!r} ({_known(known)})")
 

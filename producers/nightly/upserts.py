@@ -114,18 +114,7 @@ _IN_CHECKPOINT = {
     "jobs": "jobs_confirmed",
 }
 
-_COUNT_FIELDS = (
-    "rows",
-    "items",
-    "rejected",
-    "rejected_unattributed",
-    "duplicate_images",
-    "superseded_rows",
-    "kept_items",
-    "kept_images",
-    "jobs",
-    "already_published",
-)
+_COUNT_FIELDS = (*_IN_CHECKPOINT, "already_published")
 
 
 @dataclass

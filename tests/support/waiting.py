@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
+
+from tests.support.aio import take
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
@@ -20,13 +21,4 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> No
 
 async def take_deliveries(broker: Any, n: int, timeout_s: float = 10.0) -> list[Any]:
     """The next ``n`` deliveries of ``broker.consume()``, unsettled."""
-    got: list[Any] = []
-
-    async def pull() -> None:
-        async for delivery in broker.consume():
-            got.append(delivery)
-            if len(got) >= n:
-                return
-
-    await asyncio.wait_for(pull(), timeout_s)
-    return got
+    return await take(broker.consume(), n, timeout_s)

@@ -20,6 +20,7 @@ from common.config import BrokerConfig
 from common.errors import ConfigError
 from common.schema import Job, Lane, decode_job
 from imgfleet.factories import kafka_broker
+from tests.support.aio import take
 from tests.support.kafka import QUICK_JOIN, TansuBroker, broker_config
 
 pytestmark = pytest.mark.integration
@@ -34,10 +35,7 @@ def _jobs(n: int, lane: Lane = Lane.BULK, prefix: str = "item") -> list[Job]:
 
 
 async def _take(stream: AsyncIterator[Delivery], n: int) -> list[Delivery]:
-    async def go() -> list[Delivery]:
-        return [await anext(stream) for _ in range(n)]
-
-    return await asyncio.wait_for(go(), TIMEOUT_S)
+    return await take(stream, n, TIMEOUT_S)
 
 
 async def _until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:

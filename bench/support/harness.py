@@ -1,12 +1,12 @@
 """What the benchmark scripts share: their common flags, their report and the machine figures
-(``bench/_rabbitmq.py``: the RabbitMQ set-up of the queue and producer benchmarks).
+(``bench/support/rabbitmq.py``: the RabbitMQ set-up of the queue and producer benchmarks).
 
 Every ``bench/NAME.py`` takes ``--quick`` and ``--json``, prints its figures, and with
 ``--json`` ends with one line holding one JSON object of the figures and ``ratio``.
 
 Import it after the script has put the repository root first on ``sys.path`` (each
-script's first lines), as ``bench._harness``: it imports nothing of the project, since the
-decode pool's spawned processes re-import the scripts.
+script's first lines), as ``bench.support.harness``: it imports nothing of the project,
+since the decode pool's spawned processes re-import the scripts.
 """
 
 from __future__ import annotations
