@@ -89,6 +89,8 @@ def naive_loop(catalogue: Path, embedder: Any, batch_size: int) -> tuple[int, fl
 
     from producers.catalogue.reader import CatalogueItem, read_catalogue
 
+    side = embedder.card.input_size
+
     def fetched() -> Iterator[np.ndarray]:
         for entry in read_catalogue(catalogue):
             if not isinstance(entry, CatalogueItem):
@@ -97,7 +99,7 @@ def naive_loop(catalogue: Path, embedder: Any, batch_size: int) -> tuple[int, fl
                 try:
                     with urllib.request.urlopen(url, timeout=30) as resp:
                         data = resp.read()
-                    img = Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224))
+                    img = Image.open(io.BytesIO(data)).convert("RGB").resize((side, side))
                 except Exception:
                     continue
                 yield np.asarray(img)

@@ -210,6 +210,16 @@ class WorkerConfig(_Section):
     # auto: baseline/progressive JPEGs go to nvJPEG where CUDA and torchvision are present.
     gpu_decode: Literal["auto", "off"] = "auto"
     max_pixels: int = Field(default=defaults.MAX_PIXELS, gt=0)
+    # Decode follows the model's preprocessing (its card). These pin it: set, a worker whose
+    # model wants another value refuses to start (exit 2, naming both) instead of embedding
+    # the catalogue wrongly or dead-lettering it. Empty / 0: follow the model.
+    decode_size: int = Field(default=0, ge=0)
+    decode_resize: Literal["", "crop", "squash", "pad"] = ""
+    decode_interpolation: Literal["", "bilinear", "bicubic"] = ""
+    # JPEG shrink-on-load (DCT scaling, never below the resize target): about 2x faster
+    # decode of large JPEGs for vectors within cosine 0.99 of a full-size decode. Off: the
+    # exact reference pixels (preprocess.reference_preprocess) on every path.
+    decode_shrink_on_load: bool = True
     truncated_policy: Literal["index", "dead_letter"] = "index"
     # A recovered (truncated) JPEG with less of its rows decodable is dead-lettered.
     recovered_min_fraction: float = Field(default=0.5, ge=0, le=1)
@@ -228,17 +238,27 @@ class WorkerConfig(_Section):
 
 
 class ModelConfig(_Section):
-    # "default", a TorchScript (.pt) or ONNX (.onnx) file, local or s3://bucket/key; the
-    # card (same stem, .card.json) and the other format's twin are looked for beside it.
+    # "default" (EfficientNet-Lite0, ImageNet weights), "plumbing" (the random CNN, for
+    # tests of the pipeline), timm:NAME, open_clip:ARCH/PRETRAINED, hf:REPO_OR_DIR, or a
+    # TorchScript (.pt) / ONNX (.onnx) file, local or s3://bucket/key; a file's card (same
+    # stem, .card.json) and the other format's twin are looked for beside it.
     path: str = "default"
+    # A checkpoint for a timm:, open_clip: or hf: model instead of its hub weights; local
+    # or s3://.
+    weights: str = ""
+    # Never reach a model hub: library models load from download_dir's cache or fail.
+    offline: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    backend: Literal["auto", "torch", "tensorrt"] = "auto"  # auto: TensorRT when usable
+    # auto: TensorRT when usable on a GPU; on a CPU, ONNX Runtime for ONNX-only models and
+    # the built-in ones (11x faster than eager PyTorch for the default), else PyTorch.
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
     precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = "auto"  # auto: fp16 on GPU
     # Batch sizes the engine runs (batches are padded up to one); empty: the card's, else
     # powers of two up to worker.max_batch on a GPU and no padding on the CPU.
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     engine_cache_dir: Path = Path("imgfleet-data/engines")  # TensorRT engines, ONNX exports
-    download_dir: Path = Path("imgfleet-data/models")  # s3:// models are cached here
+    # s3:// models and library hub downloads (timm, open_clip, Hugging Face) are cached here.
+    download_dir: Path = Path("imgfleet-data/models")
     s3_endpoint_url: str = ""  # for s3:// model paths; empty: [s3]'s, credentials too
     s3_region: str = ""
     instances: int = Field(default=1, ge=1, le=16)  # engine instances per GPU

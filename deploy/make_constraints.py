@@ -33,6 +33,12 @@ HAND_PINNED = {
     "faiss-gpu-cu12": "1.14.1.post1",
     "nvidia-ml-py": "13.580.82",
     "torchvision": "0.28.0",  # nvJPEG decode (workers/decode/nvjpeg.py); matches torch 2.13.0
+    # The `models` extra (timm, open_clip, Hugging Face), installed in the worker image; on
+    # CPU-only development machines timm and open_clip live in .venv-vision instead.
+    "timm": "1.0.31",
+    "open-clip-torch": "3.3.0",
+    "transformers": "5.25.0",
+    "safetensors": "0.8.0",
 }
 
 HEADER = """\

@@ -46,7 +46,9 @@ if TYPE_CHECKING:
     from producers.nightly.run import RunOptions
     from workers.decode.pool import DecodePool
     from workers.decode.routing import RoutedDecoder
+    from workers.decode.types import Preprocess
     from workers.embed.embedder import ModelEmbedder
+    from workers.embed.model_card import ModelCard
     from workers.embed.types import Embedder
     from workers.fetch.fetcher import UrlFetcher
     from workers.fetch.unchanged import KnownLookup
@@ -287,24 +289,21 @@ def embed_threads_for_cpu(cpus: int, decode_procs: int) -> int:
 
 
 def make_embedder(settings: Settings) -> ModelEmbedder:
-    from workers.decode.preprocess import INPUT_SIZE
+    """The configured model on the configured device; refuses (``ConfigError``, exit 2) a
+    model whose preprocessing contradicts a pinned ``worker.decode_*`` value."""
     from workers.embed.backends import EngineOptions
     from workers.embed.embedder import ModelEmbedder
     from workers.embed.model import load_model
-    from workers.embed.model_sources import resolve_model_path
 
     m = settings.model
     device = embed_device(settings)
-    path = resolve_model_path(
-        m.path, cache_dir=m.download_dir, s3=s3_endpoint(settings, m.s3_endpoint_url, m.s3_region)
+    loaded = load_model(
+        resolve_model(settings, m.path),
+        cache_dir=m.download_dir,
+        offline=m.offline,
+        weights=resolve_model(settings, m.weights) if m.weights else "",
     )
-    loaded = load_model(path)
-    if loaded.card.input_size != INPUT_SIZE:
-        get_logger("factories").warning(
-            "model input size differs from the decode size",
-            model_input_size=loaded.card.input_size,
-            decode_size=INPUT_SIZE,
-        )
+    check_decode_pins(settings, loaded.card)
     options = EngineOptions(
         backend=m.backend,
         precision=m.precision,
@@ -322,18 +321,55 @@ def make_embedder(settings: Settings) -> ModelEmbedder:
     return ModelEmbedder(loaded, device=device, threads=threads, options=options)
 
 
+def resolve_model(settings: Settings, path: str) -> str:
+    """A model spec or file as load_model takes it: s3:// files downloaded into the cache."""
+    from workers.embed.model_sources import resolve_model_path
+
+    m = settings.model
+    return resolve_model_path(
+        path, cache_dir=m.download_dir, s3=s3_endpoint(settings, m.s3_endpoint_url, m.s3_region)
+    )
+
+
+def check_decode_pins(settings: Settings, card: ModelCard) -> None:
+    """Each ``worker.decode_*`` that is set must be what the model's card asks for."""
+    w, spec = settings.worker, card.preprocess
+    pins: tuple[tuple[str, object, object], ...] = (
+        ("worker.decode_size", w.decode_size, spec.size),
+        ("worker.decode_resize", w.decode_resize, spec.resize),
+        ("worker.decode_interpolation", w.decode_interpolation, spec.interpolation),
+    )
+    for key, pinned, wanted in pins:
+        if pinned and pinned != wanted:
+            raise ConfigError(
+                f"{key} = {pinned!r} but model {card.name} takes {wanted!r} "
+                f"({spec.describe()}); set {key} to {wanted!r}, or unset it to follow the model"
+            )
+
+
 def embed_one(settings: Settings, data: bytes, embedder: Callable[[], Embedder]) -> np.ndarray:
     """Decode and embed one image (a query) with the worker's own decoder and model.
 
-    ``embedder`` is asked for after the decode, so an image that cannot be decoded fails
-    (``JobFailure``) before any model is loaded.
+    Bytes that are no image at all fail (``JobFailure``) before any model is loaded; the
+    decode itself needs the model's preprocessing.
     """
     import numpy as np
 
-    from workers.decode.cpu import decode_image
+    from common.errors import PermanentError, Reason
+    from workers.decode.cpu import decode_image, sniff_format
 
-    pixels = decode_image(data, max_pixels=settings.worker.max_pixels).pixels
-    vector: np.ndarray = embedder().embed(pixels[np.newaxis])[0]
+    if not data:
+        raise PermanentError("zero-byte body", Reason.EMPTY)
+    if sniff_format(data) is None:
+        raise PermanentError(f"unknown magic bytes {data[:8]!r}", Reason.NOT_AN_IMAGE)
+    model = embedder()
+    pixels = decode_image(
+        data,
+        preprocess=model.preprocess,
+        max_pixels=settings.worker.max_pixels,
+        shrink_on_load=settings.worker.decode_shrink_on_load,
+    ).pixels
+    vector: np.ndarray = model.embed(pixels[np.newaxis])[0]
     return vector
 
 
@@ -377,15 +413,20 @@ def make_decode_pool(settings: Settings, *, on_restart: Callable[[], None]) -> D
         max_pixels=w.max_pixels,
         recover_truncated=True,
         min_decoded_fraction=w.recovered_min_fraction,
+        shrink_on_load=w.decode_shrink_on_load,
         max_restarts=w.decode_pool_max_restarts,
         on_restart=on_restart,
     )
 
 
-def make_decoder(settings: Settings, pool: DecodePool) -> DecodePool | RoutedDecoder:
-    """The CPU pool, fronted by the nvJPEG route where CUDA and torchvision are present."""
+def make_decoder(
+    settings: Settings, pool: DecodePool, preprocess: Preprocess
+) -> DecodePool | RoutedDecoder:
+    """The CPU pool, fronted by the nvJPEG route where CUDA and torchvision are present;
+    both decode for the model's ``preprocess``."""
     from workers.decode.nvjpeg import GpuJpegDecoder, gpu_available
 
+    pool.set_preprocess(preprocess)
     if settings.worker.gpu_decode == "off" or not gpu_available():
         return pool
     from workers.decode.routing import DecodeRouter, RoutedDecoder
@@ -393,7 +434,7 @@ def make_decoder(settings: Settings, pool: DecodePool) -> DecodePool | RoutedDec
     get_logger("worker").info("GPU JPEG decode on; PNG, WebP and rejected JPEGs go to the CPU pool")
     return RoutedDecoder(
         pool,
-        GpuJpegDecoder(),
+        GpuJpegDecoder(preprocess),
         DecodeRouter(gpu_available=True),
         max_pixels=settings.worker.max_pixels,
         max_batch=settings.worker.max_batch,
@@ -439,8 +480,8 @@ class SettingsWorkerParts:
     def fetcher(self) -> AbstractAsyncContextManager[UrlFetcher]:
         return make_fetcher(self.settings)
 
-    def decoder(self, pool: DecodePool) -> DecodePool | RoutedDecoder:
-        return make_decoder(self.settings, pool)
+    def decoder(self, pool: DecodePool, preprocess: Preprocess) -> DecodePool | RoutedDecoder:
+        return make_decoder(self.settings, pool, preprocess)
 
 
 def ops_listen(settings: Settings) -> OpsListen | None:

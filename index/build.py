@@ -53,6 +53,16 @@ def _segments_for_shard(
         yield read_segment(storage, key)
 
 
+def _run_model(storage: Storage, keys: list[str], run_id: str) -> str | None:
+    """The model that embedded ``run_id``'s images: that of its first upsert in the log."""
+    for key in keys:
+        segment = read_segment(storage, key)
+        mine = (segment.run_ids == run_id) & ~segment.tombstones
+        if mine.any():
+            return str(segment.model_ids[np.flatnonzero(mine)[0]])
+    return None
+
+
 def _layout_matches(storage: Storage, keys: list[str], n_shards: int) -> bool:
     """Whether the writers used ``n_shards``: then shard k needs only directory k.
 
@@ -97,11 +107,25 @@ def build_unpublished(
         if run is None
         else [k for k in all_keys if segment_time_ns(k) >= run.earliest_segment_ns]
     )
-    keep = RecordFilter(nightly_runs=nightly_runs(storage) if run else frozenset(), run_id=run_id)
+    # A run's generation holds the run's model alone: after a model switch the run
+    # re-embedded the catalogue, and vectors of the old model (segments of workers not yet
+    # switched, say) stay out instead of mixing two vector spaces.
+    run_model = _run_model(storage, keys, run_id) if run_id is not None else None
+    keep = RecordFilter(
+        nightly_runs=nightly_runs(storage) if run else frozenset(),
+        run_id=run_id,
+        model_id=run_model,
+    )
     same_layout = _layout_matches(storage, keys, n_shards)
     if not same_layout:
         log.info("resharding", n_shards=n_shards, segments=len(keys))
-    log.info("build_started", generation=generation, run_id=run_id, segments=len(keys))
+    log.info(
+        "build_started",
+        generation=generation,
+        run_id=run_id,
+        model_id=run_model,
+        segments=len(keys),
+    )
 
     builder = ShardSetBuilder(storage, generation, policy, log=log)
     # Everything deleted: keep serving the same dim.
@@ -156,7 +180,11 @@ def _add_shards(
         rows, dim, shard_models = resolve_rows(segments, shard, n_shards, dim, keep)
         model_ids |= shard_models
         if len(model_ids) > 1:
-            raise IndexBuildError(f"live vectors come from several models: {sorted(model_ids)}")
+            raise IndexBuildError(
+                f"live vectors come from several models: {sorted(model_ids)}; after a model "
+                "switch, a nightly run re-embeds the catalogue (imgfleet produce catalogue) "
+                "and its generation holds the new model alone"
+            )
         if dim is None:
             waiting[shard] = rows
             continue

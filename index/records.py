@@ -69,8 +69,11 @@ def resolve_rows(
             continue
         if segment.dim:
             if dim is not None and segment.dim != dim:
+                models = sorted({str(m) for m in segment.model_ids[mask]})
                 raise IndexBuildError(
-                    f"segment {segment.key!r} has dim {segment.dim}, others have {dim}"
+                    f"segment {segment.key!r} has dim {segment.dim} (model {', '.join(models)}), "
+                    f"others have {dim}: vectors of two models; after a model switch, build "
+                    "from the nightly run that re-embedded the catalogue (index finalize --run)"
                 )
             dim = segment.dim
         parts.append(_selected(segment, mask))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,14 @@ import pytest
 pytest_plugins = ["tests.support.rabbitmq", "tests.support.kafka"]
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The default model runs on the CPU through its ONNX export, written once per engine cache
+# (about 5 s). One cache for the whole run, test processes and the workers they spawn
+# alike, instead of one per temporary directory; writes are atomic, so they may race.
+os.environ.setdefault(
+    "IMGFLEET_MODEL__ENGINE_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"imgfleet-test-engines-{os.getuid()}"),
+)
 
 
 def require_service(what: str, why: str) -> None:

@@ -39,7 +39,7 @@ from common.observability.logging import bind_process, get_logger, unbind_proces
 from common.observability.metrics import Metrics, poll_queue_stats
 from common.observability.ops_http import OpsListen, serving_ops
 from common.retry import retry_until
-from workers.decode.types import Decoder
+from workers.decode.types import Decoder, Preprocess
 from workers.embed.types import Embedder
 from workers.fetch.types import Fetcher
 from workers.pipeline import PipelineSettings, Worker, WorkerStats
@@ -81,8 +81,9 @@ class WorkerParts(Protocol):
 
     def fetcher(self) -> AbstractAsyncContextManager[Fetcher]: ...
 
-    def decoder(self, pool: DecodePool) -> Decoder:
-        """What the pipeline decodes with: the pool, or a route in front of it."""
+    def decoder(self, pool: DecodePool, preprocess: Preprocess) -> Decoder:
+        """What the pipeline decodes with: the pool, or a route in front of it; both
+        decode for the loaded model's ``preprocess``."""
         ...
 
 
@@ -193,7 +194,7 @@ class WorkerRuntime:
                     broker,
                     writer,
                     fetcher,
-                    parts.decoder(pool),
+                    parts.decoder(pool, embedder.preprocess),
                     embedder,
                     self.settings.pipeline,
                     worker_id=self.settings.worker_id,

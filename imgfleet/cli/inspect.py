@@ -108,6 +108,7 @@ async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str
                     max_pixels=w.max_pixels,
                     recover_truncated=True,
                     min_decoded_fraction=w.recovered_min_fraction,
+                    shrink_on_load=w.decode_shrink_on_load,
                 )
                 report.update(
                     status="recovered" if result.recovered else "ok",

@@ -34,6 +34,7 @@ from producers.nightly.upserts import publish_catalogue
 @dataclass
 class DemoSummary:
     jobs: int = 0
+    model_id: str = ""  # what embedded the run: the generation's model
     indexed: int = 0
     recovered: int = 0
     dead_lettered: dict[str, int] = field(default_factory=dict)
@@ -49,6 +50,7 @@ class DemoSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "model_id": self.model_id,
             "jobs": self.jobs,
             "indexed": self.indexed,
             "recovered": self.recovered,
@@ -122,7 +124,8 @@ async def run_demo(base: Settings, workdir: Path, n_items: int, seed: int = 0) -
 
     storage = make_storage(settings)
     t0 = time.monotonic()
-    build_generation(storage, settings.index.n_shards)
+    generation = build_generation(storage, settings.index.n_shards)
+    summary.model_id = generation.model_id or ""
     summary.seconds["index_build"] = time.monotonic() - t0
     searcher = Searcher(storage)
     summary.indexed = searcher.count()
@@ -181,6 +184,7 @@ def render_summary(summary: DemoSummary) -> str:
     d = summary.as_dict()
     lines = [
         "imgfleet demo summary",
+        f"  model             {d['model_id']}",
         f"  jobs              {d['jobs']}",
         f"  indexed           {d['indexed']}  (recovered truncated JPEGs: {d['recovered']})",
         f"  dead-lettered     {sum(d['dead_lettered'].values())}",

@@ -25,9 +25,17 @@ from tests.deploy.artifacts import (
 
 
 def _project_torch_version() -> str:
+    """The images' torch: the constraints' pin, inside the project's torch range."""
+    (pin,) = [
+        line
+        for line in (DEPLOY / "constraints.txt").read_text().splitlines()
+        if line.startswith("torch==")
+    ]
+    version = pin.removeprefix("torch==")
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    (pin,) = [d for d in project["dependencies"] if d.replace(" ", "").startswith("torch==")]
-    return pin.replace(" ", "").removeprefix("torch==")
+    (wanted,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "torch"]
+    assert wanted.specifier.contains(version), (wanted, version)
+    return version
 
 
 def test_pinning_rule_itself() -> None:
@@ -80,7 +88,7 @@ def test_worker_image_is_cuda_python311_with_the_gpu_extra() -> None:
     args = build_args(pairs)
     assert re.fullmatch(r"3\.11\.\d+", args["PYTHON_VERSION"])
     runs = " ".join(run_instructions(pairs))
-    assert "[gpu]" in runs
+    assert "[gpu,models]" in runs
     # The CUDA build of torch from the PyTorch index, the same version as the project's.
     assert f"https://download.pytorch.org/whl/${{{'TORCH_CUDA'}}}" in runs
     assert re.fullmatch(r"cu\d{3}", args["TORCH_CUDA"])
@@ -106,7 +114,8 @@ def test_constraints_pin_every_runtime_dependency() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     wanted = [
         Requirement(spec)
-        for spec in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]
+        for extra in ("gpu", "models")
+        for spec in [*project["dependencies"], *project["optional-dependencies"][extra]]
     ]
     pins: dict[str, str] = {}
     for line in (DEPLOY / "constraints.txt").read_text().splitlines():

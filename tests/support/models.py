@@ -1,4 +1,4 @@
-"""Model files for tests: the built-in default model saved as TorchScript, with its card."""
+"""Model files for tests: the plumbing CNN saved as TorchScript, with its card."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 
-from workers.embed.model import DefaultEmbedder
 from workers.embed.model_card import ModelCard, card_path_for
+from workers.embed.plumbing import PlumbingCNN
 
 
-def save_default_as_torchscript(
-    path: str | os.PathLike[str], *, name: str = "default-cnn-v1-torchscript"
+def save_plumbing_as_torchscript(
+    path: str | os.PathLike[str], *, name: str = "plumbing-cnn-v1-torchscript"
 ) -> ModelCard:
-    """Script the default model to path and write its card next to it; returns the card."""
+    """Script the plumbing CNN to path and write its card next to it; returns the card."""
     target = Path(path)
-    module = DefaultEmbedder()
+    module = PlumbingCNN()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(module)

@@ -7,8 +7,8 @@ the frame header alone, so eligibility and the pixel cap cost no decode.
 
 On machines without CUDA (or without torchvision) ``gpu_available()`` is False; nothing
 here imports torch until a ``GpuJpegDecoder`` runs. The GPU resize reproduces
-``preprocess.resize_and_crop`` (antialiased bilinear, shorter side to ``size``, centre
-crop with the same rounding).
+``preprocess.resize_and_crop`` for the model's ``Preprocess``: the same ``plan`` (crop,
+squash or pad, with the same rounding) and an antialiased bilinear or bicubic filter.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.decode.preprocess import INPUT_SIZE, resized_shape
+from workers.decode.preprocess import DEFAULT_PREPROCESS, Preprocess, plan
 
 # Start-of-frame markers: 0xC0 baseline, 0xC1 extended sequential, 0xC2 progressive;
 # the rest (lossless, hierarchical, arithmetic coding) are not for nvJPEG.
@@ -91,16 +91,15 @@ def gpu_available() -> bool:
 class GpuJpegDecoder:
     """Batched nvJPEG decode plus the reference resize and crop, on one CUDA device."""
 
-    def __init__(self, size: int = INPUT_SIZE, device: str = "cuda") -> None:
+    def __init__(self, preprocess: Preprocess = DEFAULT_PREPROCESS, device: str = "cuda") -> None:
         if not gpu_available():
             raise RuntimeError("GPU JPEG decode needs CUDA and torchvision")
-        self.size = size
+        self.preprocess = preprocess
         self.device = device
 
     def decode_batch(self, images: list[bytes]) -> list[np.ndarray | Exception]:
         """One result per input: an RGB uint8 array, or the exception for that image."""
         import torch
-        import torch.nn.functional as functional
         from torchvision.io import ImageReadMode, decode_jpeg
 
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
@@ -128,14 +127,27 @@ class GpuJpegDecoder:
             if isinstance(chw, Exception):
                 out.append(chw)
                 continue
-            height, width = int(chw.shape[1]), int(chw.shape[2])
-            new_h, new_w = resized_shape(height, width, self.size)
-            resized = functional.interpolate(
-                chw[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True
-            )[0]
-            top = round((new_h - self.size) / 2.0)
-            left = round((new_w - self.size) / 2.0)
-            crop = resized[:, top : top + self.size, left : left + self.size]
-            hwc = crop.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
-            out.append(hwc.cpu().numpy())
+            out.append(self._geometry(chw))
         return out
+
+    def _geometry(self, chw: Any) -> np.ndarray:
+        """``preprocess.plan`` on the device: the CPU path's resize, crop or pad."""
+        import torch
+        import torch.nn.functional as functional
+
+        spec = self.preprocess
+        geometry = plan(int(chw.shape[1]), int(chw.shape[2]), spec)
+        resized = functional.interpolate(
+            chw[None].float(), size=geometry.resized, mode=spec.interpolation, antialias=True
+        )[0]
+        top, left = geometry.offset
+        size = geometry.size
+        if geometry.pads:
+            fill = torch.tensor(spec.fill, dtype=resized.dtype, device=resized.device)
+            crop = fill.view(3, 1, 1).expand(3, size, size).clone()
+            crop[:, -top : -top + resized.shape[1], -left : -left + resized.shape[2]] = resized
+        else:
+            crop = resized[:, top : top + size, left : left + size]
+        hwc = crop.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()
+        result: np.ndarray = hwc.cpu().numpy()
+        return result

@@ -50,7 +50,7 @@ from common.observability.logging import apply_logging_config, get_logger, loggi
 from workers.decode.cpu import DEFAULT_MAX_PIXELS, configure_decoder_threads, decode_image
 from workers.decode.limits import IN_FLIGHT_PER_PROCESS
 from workers.decode.parent_watch import ChildWatch, ParentWatch
-from workers.decode.preprocess import INPUT_SIZE
+from workers.decode.preprocess import DEFAULT_PREPROCESS, Preprocess
 from workers.decode.types import DecodeResult
 
 T = TypeVar("T")
@@ -114,8 +114,13 @@ class _Slots:
     def __init__(self, count: int, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
         self.block = shared_memory.SharedMemory(create=True, size=max(count * slot_bytes, 1))
+        self._count = count
         self._free = list(range(count))
         self._lock = threading.Lock()
+
+    def taken(self) -> int:
+        with self._lock:
+            return self._count - len(self._free)
 
     def take(self) -> int | None:
         with self._lock:
@@ -139,10 +144,11 @@ class DecodePool:
         self,
         processes: int,
         *,
-        size: int = INPUT_SIZE,
+        preprocess: Preprocess = DEFAULT_PREPROCESS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         recover_truncated: bool = True,
         min_decoded_fraction: float = 0.0,
+        shrink_on_load: bool = True,
         start_method: str = "spawn",
         shared_slots: int | None = None,
         max_restarts: int = defaults.DECODE_POOL_MAX_RESTARTS,
@@ -157,13 +163,16 @@ class DecodePool:
             # watch this process, would see a stranger for a parent and exit at start.
             raise ValueError(f"decode processes are spawned; {start_method!r} is not supported")
         self.processes = processes
-        self.size = size
+        self.preprocess = preprocess
         self.max_pixels = max_pixels
         self.recover_truncated = recover_truncated
         self.min_decoded_fraction = min_decoded_fraction
+        self.shrink_on_load = shrink_on_load
         # What the pipeline keeps in flight, plus headroom; beyond it results are pickled.
-        slots = processes * (IN_FLIGHT_PER_PROCESS + 2) if shared_slots is None else shared_slots
-        self._slots = _Slots(slots, size * size * 3) if slots > 0 else None
+        self._slot_count = (
+            processes * (IN_FLIGHT_PER_PROCESS + 2) if shared_slots is None else shared_slots
+        )
+        self._slots = self._new_slots(preprocess)
         self.shared_returns = 0  # results that came back through shared memory
         self._mp_context = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
@@ -179,6 +188,24 @@ class DecodePool:
         self.restarts_in_a_row = 0  # since the last decode that completed
         self._on_restart = on_restart
         self._log = get_logger("decode_pool")
+
+    def _new_slots(self, preprocess: Preprocess) -> _Slots | None:
+        slot_bytes = preprocess.size * preprocess.size * 3
+        return _Slots(self._slot_count, slot_bytes) if self._slot_count > 0 else None
+
+    def set_preprocess(self, preprocess: Preprocess) -> None:
+        """Decode for ``preprocess`` from now on: the model's, known once it has loaded
+        (the processes start beside the model load). Only before the first decode."""
+        if preprocess == self.preprocess:
+            return
+        with self._lock:
+            old = self._slots
+            if old is not None and old.taken():
+                raise RuntimeError("set_preprocess while decodes are in flight")
+            self.preprocess = preprocess
+            self._slots = self._new_slots(preprocess)
+        if old is not None:
+            old.close()
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -208,10 +235,11 @@ class DecodePool:
         # A partial of a module-level function pickles by reference: cheap to send per job.
         return partial(
             decode_image,
-            size=self.size,
+            preprocess=self.preprocess,
             max_pixels=self.max_pixels,
             recover_truncated=self.recover_truncated,
             min_decoded_fraction=self.min_decoded_fraction,
+            shrink_on_load=self.shrink_on_load,
         )
 
     def _submit_decode(self, data: bytes) -> Future[DecodeResult]:
@@ -232,7 +260,8 @@ class DecodePool:
                     outer.set_exception(exc)
                     return
                 meta = done.result()
-                shape = (self.size, self.size, 3)
+                side = self.preprocess.size
+                shape = (side, side, 3)
                 outer.set_result(replace(meta, pixels=slots.copy_out(slot, shape)))
                 self.shared_returns += 1
             finally:

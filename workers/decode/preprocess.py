@@ -1,32 +1,115 @@
 """The one preprocessing definition: every decode path (CPU, GPU, training) must match it.
 
-Definition, for an image of any mode and size:
+A model says how it wants its pixels (``Preprocess``, carried by its model card and derived
+from the model library's own transform config). For an image of any mode and size:
 
 1. apply the EXIF orientation;
 2. convert to 8-bit RGB: alpha (and PNG/GIF transparency) is composited on white, 16-bit
    samples keep their high byte (``v >> 8``), CMYK / greyscale / palette go through Pillow;
-3. resize so the shorter side is ``size`` with Pillow ``BILINEAR``. Pillow widens the
-   triangle filter by the scale factor when shrinking, so this is an antialiased bilinear
-   (what ``torchvision`` calls ``antialias=True``), which the GPU path can reproduce. No
-   ``reducing_gap``: that would trade exactness for speed. The longer side is
-   ``int(size * long / short)``, as torchvision computes it;
-4. centre crop ``size`` x ``size``; the offset is ``round((side - size) / 2)``.
+3. resize with Pillow's ``BILINEAR`` or ``BICUBIC`` filter. Pillow widens the filter by the
+   scale factor when shrinking, so this is an antialiased resize (what ``torchvision``
+   calls ``antialias=True``), which the GPU path reproduces. No ``reducing_gap``: that
+   would trade exactness for speed. The geometry is ``Preprocess.resize``:
 
-The result is RGB uint8, HWC, C-contiguous.
+   - ``crop``: the shorter side to ``floor(size / crop_pct)`` (the longer side
+     ``int(scale * long / short)``, as torchvision computes it), then a centred
+     ``size`` x ``size`` crop at offset ``round((side - size) / 2)`` (timm's and
+     open_clip's eval transform) or ``floor`` of it (``crop_offset``; Hugging Face's
+     shortest-edge + centre-crop);
+   - ``squash``: both sides to ``size``, aspect ratio not kept (Hugging Face ViT / DINO
+     processors that resize to a fixed height and width);
+   - ``pad``: the longer side to ``size`` (the shorter ``round(size * short / long)``),
+     centred on a ``size`` x ``size`` canvas of ``fill`` (white: catalogue backgrounds),
+     so nothing of the product is cut off.
+
+The result is RGB uint8, HWC, C-contiguous, ``size`` x ``size``.
+
+``plan`` is the geometry as plain numbers, so the CPU and GPU paths compute it once, the
+same way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageOps
 
-INPUT_SIZE = 224
+from workers.decode.types import (
+    DEFAULT_PREPROCESS,
+    INPUT_SIZE,
+    INTERPOLATIONS,
+    RESIZE_MODES,
+    Interpolation,
+    Preprocess,
+    Resize,
+)
 
+__all__ = [
+    "DEFAULT_PREPROCESS",
+    "INPUT_SIZE",
+    "INTERPOLATIONS",
+    "RESIZE_MODES",
+    "Geometry",
+    "Interpolation",
+    "Preprocess",
+    "Resize",
+    "draft_request",
+    "plan",
+    "reference_preprocess",
+    "resize_and_crop",
+    "resized_shape",
+    "to_rgb",
+]
+
+_PIL_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 _WHITE_RGBA = (255, 255, 255, 255)
 # Modes whose samples are wider than 8 bits; Pillow's convert("RGB") clips them instead of
 # scaling, which turns almost every 16-bit greyscale image white.
 _WIDE_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Resize to ``resized`` (height, width), then take the ``size`` x ``size`` window at
+    ``offset`` (top, left); a negative offset places the resized image on a canvas."""
+
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+    size: int
+
+    @property
+    def pads(self) -> bool:
+        return self.offset[0] < 0 or self.offset[1] < 0
+
+
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after scaling the shorter side to ``size``."""
+    if height <= width:
+        return size, max(size, int(size * width / height))
+    return max(size, int(size * height / width)), size
+
+
+def plan(height: int, width: int, spec: Preprocess) -> Geometry:
+    """The geometry ``spec`` gives an image of ``height`` x ``width`` (after EXIF rotation)."""
+    size = spec.size
+    if spec.resize == "squash":
+        return Geometry((size, size), (0, 0), size)
+    if spec.resize == "pad":
+        if height >= width:
+            new_h, new_w = size, max(1, round(size * width / height))
+        else:
+            new_h, new_w = max(1, round(size * height / width)), size
+        return Geometry((new_h, new_w), (-((size - new_h) // 2), -((size - new_w) // 2)), size)
+    new_h, new_w = resized_shape(height, width, spec.scale_size)
+    if spec.crop_offset == "floor":
+        return Geometry((new_h, new_w), ((new_h - size) // 2, (new_w - size) // 2), size)
+    offset = (round((new_h - size) / 2.0), round((new_w - size) / 2.0))
+    return Geometry((new_h, new_w), offset, size)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -47,29 +130,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(height, width) after scaling the shorter side to ``size``."""
-    if height <= width:
-        return size, max(size, int(size * width / height))
-    return max(size, int(size * height / width)), size
-
-
-def resize_and_crop(rgb: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
-    """Shorter side to ``size`` (antialiased bilinear), then centre crop; RGB uint8 HWC."""
+def resize_and_crop(rgb: np.ndarray, spec: Preprocess = DEFAULT_PREPROCESS) -> np.ndarray:
+    """The geometry of ``spec`` on an RGB uint8 HWC array; RGB uint8 HWC out."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected HxWx3 uint8, got {rgb.shape} {rgb.dtype}")
     height, width = rgb.shape[:2]
-    new_height, new_width = resized_shape(height, width, size)
+    geometry = plan(height, width, spec)
+    new_height, new_width = geometry.resized
     img = Image.fromarray(rgb)
     if (new_height, new_width) != (height, width):
-        img = img.resize((new_width, new_height), Image.Resampling.BILINEAR)
-    top = round((new_height - size) / 2.0)
-    left = round((new_width - size) / 2.0)
-    cropped = img.crop((left, top, left + size, top + size))
-    return np.ascontiguousarray(np.asarray(cropped, dtype=np.uint8))
+        img = img.resize((new_width, new_height), _PIL_FILTERS[spec.interpolation])
+    top, left = geometry.offset
+    if geometry.pads:
+        canvas = Image.new("RGB", (spec.size, spec.size), spec.fill)
+        canvas.paste(img, (-left, -top))
+        img = canvas
+    else:
+        img = img.crop((left, top, left + spec.size, top + spec.size))
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def reference_preprocess(img: Image.Image, size: int = INPUT_SIZE) -> np.ndarray:
+def reference_preprocess(img: Image.Image, spec: Preprocess = DEFAULT_PREPROCESS) -> np.ndarray:
     """Slow, obviously correct reference: full-size decode, then the definition above.
 
     Fast paths are tested against this; it never uses draft / shrink-on-load.
@@ -77,4 +158,10 @@ def reference_preprocess(img: Image.Image, size: int = INPUT_SIZE) -> np.ndarray
     img.load()
     oriented = ImageOps.exif_transpose(img)
     rgb = to_rgb(oriented)
-    return resize_and_crop(np.asarray(rgb, dtype=np.uint8), size)
+    return resize_and_crop(np.asarray(rgb, dtype=np.uint8), spec)
+
+
+def draft_request(spec: Preprocess) -> int:
+    """The smallest square a shrink-on-load decode (JPEG DCT scaling) may go down to and
+    still leave the resize above it for ``spec``."""
+    return spec.scale_size

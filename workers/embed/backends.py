@@ -1,7 +1,10 @@
-"""Engine instances that run a model on uint8 NHWC chunks: PyTorch on CPU or GPU, TensorRT.
+"""Engine instances that run a model on uint8 NHWC chunks: PyTorch on CPU or GPU, ONNX
+Runtime on CPU, TensorRT.
 
 ``open_backends`` picks what this machine can run and says so in one log line: TensorRT
-when it is installed and there is a GPU, otherwise the same model through PyTorch.
+when it is installed and there is a GPU; on a CPU, ONNX Runtime for an ONNX-only model and
+for models that export cleanly (``LoadedModel.onnx_on_cpu``: the default runs 11x faster
+there than in eager PyTorch, bench/embed.py); otherwise the same model through PyTorch.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
 
 _log = get_logger(__name__)
 
-BackendName = Literal["auto", "torch", "tensorrt"]
+BackendName = Literal["auto", "torch", "onnxruntime", "tensorrt"]
 Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
 
@@ -138,6 +141,8 @@ def open_backends(
         reason = "backend=torch configured"
     else:
         reason = f"device is {device}; {tensorrt_status()[1]}"
+    if _wants_onnxruntime(loaded, options, device):
+        return _onnxruntime_backends(loaded, device, options, sizes, reason)
     precision, note = resolve_precision(options.precision, "torch", device)
     module = loaded.require_module()
     count = max(1, options.instances) if device.type == "cuda" else 1
@@ -164,6 +169,46 @@ def open_backends(
         note=note,
     )
     return OpenedBackends(instances, "torch", precision, sizes, reason)
+
+
+def _wants_onnxruntime(loaded: LoadedModel, options: EngineOptions, device: torch.device) -> bool:
+    if options.backend == "onnxruntime":
+        return True
+    if options.backend != "auto":
+        return False
+    if loaded.module is None:
+        return True  # ONNX only, and TensorRT (tried first on a GPU) is not running it
+    # torch.compile asked for: that is a PyTorch path.
+    return device.type == "cpu" and loaded.onnx_on_cpu and options.compile_mode == "none"
+
+
+def _onnxruntime_backends(
+    loaded: LoadedModel,
+    device: torch.device,
+    options: EngineOptions,
+    sizes: tuple[int, ...],
+    tensorrt_reason: str,
+) -> OpenedBackends:
+    precision, note = resolve_precision(options.precision, "onnxruntime", torch.device("cpu"))
+    if precision != "fp32":
+        note = note or f"{precision} is not used with ONNX Runtime; running fp32"
+        precision = "fp32"
+    onnx_path = loaded.onnx_path or _export_for_engine(loaded, options)
+    backend = OnnxRuntimeBackend(
+        onnx_path, loaded.card, threads=torch.get_num_threads(), device=device
+    )
+    _log.info(
+        "embedding_backend",
+        backend="onnxruntime",
+        device=str(device),
+        providers=backend.providers,
+        precision=precision,
+        onnx=str(onnx_path),
+        threads=backend.threads,
+        tensorrt=tensorrt_reason,
+        note=note,
+    )
+    return OpenedBackends([backend], "onnxruntime", precision, sizes, tensorrt_reason)
 
 
 def _torch_instance(
@@ -261,6 +306,82 @@ class TorchCpuBackend:
                     out = self._forward(x)
                 outs.append(out.float().numpy())
         return outs
+
+
+class OnnxRuntimeBackend:
+    """An ONNX graph through ONNX Runtime (input: normalised NCHW float32): the CPU
+    provider, or on a GPU host with onnxruntime-gpu its TensorRT / CUDA providers.
+
+    On the CPU, thread spinning is off: with it on, the model is 19% faster alone on 2 threads
+    (255 vs 214 images/s) but its idle threads spin on the cores the decode processes
+    need between batches.
+    """
+
+    name = "onnxruntime"
+    precision = "fp32"
+
+    def __init__(
+        self,
+        path: str | Path,
+        card: ModelCard,
+        *,
+        threads: int,
+        device: torch.device | None = None,
+    ) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise ConfigError(
+                "ONNX models on the CPU need onnxruntime (pip install onnxruntime)"
+            ) from exc
+        self.card = card
+        self.threads = max(1, threads)
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = self.threads
+        session_options.inter_op_num_threads = 1
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.providers = _ort_providers(ort.get_available_providers(), device)
+        try:
+            self._session = ort.InferenceSession(
+                str(path), session_options, providers=self.providers
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ConfigError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise ConfigError(
+                f"ONNX model {path} has {len(inputs)} inputs; one image input expected"
+            )
+        self._input = inputs[0].name
+        shape = inputs[0].shape
+        size = card.input_size
+        if len(shape) != 4 or any(
+            isinstance(v, int) and v != want
+            for v, want in zip(shape[1:], (3, size, size), strict=True)
+        ):
+            raise ConfigError(
+                f"ONNX model {path} takes input {shape}, but its card says [N, 3, {size}, {size}]"
+            )
+
+    def run(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        outs = []
+        for chunk in chunks:
+            x = normalise_nchw(torch.from_numpy(np.ascontiguousarray(chunk)), self.card)
+            out = self._session.run(None, {self._input: x.contiguous().numpy()})[0]
+            outs.append(np.asarray(out, dtype=np.float32))
+        return outs
+
+
+def _ort_providers(available: list[str], device: torch.device | None) -> list[str]:
+    if device is None or device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    if not gpu:
+        raise ConfigError(
+            f"backend onnxruntime on {device} needs onnxruntime-gpu (providers here: "
+            f"{', '.join(available)})"
+        )
+    return [*gpu, "CPUExecutionProvider"]
 
 
 @dataclass

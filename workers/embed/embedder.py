@@ -132,6 +132,7 @@ class ModelEmbedder:
         self.loaded = loaded
         self.card = loaded.card
         self.model_id = loaded.model_id
+        self.preprocess = loaded.card.preprocess
         self.options = options or EngineOptions()
         try:
             self.device = torch.device(device)
@@ -165,8 +166,8 @@ class ModelEmbedder:
             backend=self.backend,
             device=str(self.device),
             precision=self.precision,
-            torch_threads=self.threads,
-            input_size=self.card.input_size,
+            threads=self.threads,
+            preprocess=self.preprocess.describe(),
             output_dim=self.card.output_dim,
             preferred_batch_sizes=list(self.preferred_batch_sizes),
         )
@@ -238,7 +239,7 @@ class ModelEmbedder:
         bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
         if bad.size == 0:
             return vectors
-        if not (self.backend == "torch" and self.precision == "fp32" and self.device.type == "cpu"):
+        if not (self.precision == "fp32" and self.device.type == "cpu"):
             fixed = self._reference_backend().run([np.ascontiguousarray(batch[bad])])[0]
             vectors = vectors.copy()
             vectors[bad] = fixed

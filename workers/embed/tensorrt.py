@@ -26,8 +26,8 @@ import torch
 from common.errors import ConfigError
 from common.files import write_atomic
 from common.observability.logging import get_logger
+from workers.decode.types import Preprocess
 from workers.embed.model_card import ModelCard
-from workers.embed.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 _log = get_logger(__name__)
 
@@ -111,7 +111,9 @@ def _build_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def calibration_images(directory: str | Path, input_size: int, max_images: int) -> np.ndarray:
+def calibration_images(
+    directory: str | Path, preprocess: Preprocess, max_images: int
+) -> np.ndarray:
     """Up to ``max_images`` images from a directory, through the one preprocessing definition.
 
     INT8 ranges are only as good as the images they were measured on: use a sample of the
@@ -131,7 +133,7 @@ def calibration_images(directory: str | Path, input_size: int, max_images: int) 
             break
         try:
             with Image.open(file) as img:
-                arrays.append(reference_preprocess(img, input_size))
+                arrays.append(reference_preprocess(img, preprocess))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             _log.warning("calibration image skipped", path=str(file), error=str(exc))
     if not arrays:
@@ -204,9 +206,15 @@ def build_engine(
     if key.precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
     size = key.input_size
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise ConfigError(
+            f"{onnx_path} has {network.num_inputs} inputs and {network.num_outputs} outputs; "
+            "an image model has one of each"
+        )
     profile = builder.create_optimization_profile()
+    # By position, not by name: a user's ONNX file names its tensors as it likes.
     profile.set_shape(
-        INPUT_NAME,
+        network.get_input(0).name,
         (key.min_batch, 3, size, size),
         (key.opt_batch, 3, size, size),
         (key.max_batch, 3, size, size),
@@ -255,18 +263,30 @@ class TrtInstance:
             self.context = engine.engine.create_execution_context()
         if self.context is None:
             raise ConfigError("TensorRT could not create an execution context")
+        names = [engine.engine.get_tensor_name(i) for i in range(engine.engine.num_io_tensors)]
+        inputs = [n for n in names if _is_input(engine.engine, n)]
+        outputs = [n for n in names if n not in inputs]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ConfigError(f"TensorRT engine has inputs {inputs} and outputs {outputs}")
+        self.input_name, self.output_name = inputs[0], outputs[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()  # the ONNX input is float32 NCHW, contiguous
-        self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
-        out_shape = tuple(self.context.get_tensor_shape(OUTPUT_NAME))
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
         out = torch.empty(out_shape, dtype=torch.float32, device=x.device)
-        self.context.set_tensor_address(INPUT_NAME, int(x.data_ptr()))
-        self.context.set_tensor_address(OUTPUT_NAME, int(out.data_ptr()))
+        self.context.set_tensor_address(self.input_name, int(x.data_ptr()))
+        self.context.set_tensor_address(self.output_name, int(out.data_ptr()))
         # Runs on the caller's current stream, so it orders with the copies around it.
         if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         return out
+
+
+def _is_input(engine: Any, name: str) -> bool:
+    import tensorrt as trt
+
+    return bool(engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT)
 
 
 def load_or_build(
@@ -318,7 +338,7 @@ def load_or_build(
         calibration = None
         if precision == "int8":
             calibration = calibration_images(
-                calibration_dir, card.input_size, calibration_images_max
+                calibration_dir, card.preprocess, calibration_images_max
             )
         serialized = build_engine(
             onnx_path,

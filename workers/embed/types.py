@@ -10,12 +10,16 @@ from typing import Protocol
 
 import numpy as np
 
+from workers.decode.types import Preprocess
+
 
 class Embedder(Protocol):
     """Batches of preprocessed images in, one unit vector per image out."""
 
     # Stored with every vector: vectors of different models never mix in one index.
     model_id: str
+    # The pixels the model wants; decoders produce them (workers.decode.preprocess).
+    preprocess: Preprocess
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 [N, dim], L2-normalised rows (called on a thread)."""

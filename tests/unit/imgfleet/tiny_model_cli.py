@@ -11,7 +11,6 @@ from torch import nn
 import imgfleet.factories as factories
 from common.config import Settings
 from imgfleet.cli import main
-from workers.decode.preprocess import INPUT_SIZE
 from workers.embed.embedder import ModelEmbedder
 from workers.embed.model import LoadedModel
 from workers.embed.model_card import ModelCard
@@ -25,7 +24,7 @@ class MeanColour(nn.Module):
 
 
 def tiny_embedder(settings: Settings) -> ModelEmbedder:
-    card = ModelCard("mean-colour", input_size=INPUT_SIZE, output_dim=TINY_DIM)
+    card = ModelCard("mean-colour", output_dim=TINY_DIM)
     return ModelEmbedder(LoadedModel(MeanColour(), card, "mean-colour-1"), threads=1)
 
 

@@ -11,6 +11,7 @@ from common.storage.local import LocalStorage
 from index.manifest import MANIFEST_KEY, load_manifest, shard_index_key, shard_items_key
 from index.publish import build_generation
 from index.records import IndexBuildError
+from index.runs import RunInfo, write_run
 from index.search import Searcher
 from index.segments import SegmentWriter, VectorRecord, list_segments
 from tests.unit.index.conftest import DIM, MODEL_ID, RecordFactory
@@ -235,6 +236,30 @@ def test_mixed_models_are_refused(storage: LocalStorage, make_record: RecordFact
     )
     with pytest.raises(IndexBuildError, match="several models"):
         build_generation(storage, 1)
+
+
+def test_a_runs_generation_holds_the_runs_model_alone(
+    storage: LocalStorage, make_record: RecordFactory
+) -> None:
+    """After a model switch: night-2 re-embedded with the new model; an old-model record
+    written after it (a worker not yet switched) and the image night-2 could not embed stay
+    out of night-2's generation, so it holds one vector space."""
+    write_run(storage, RunInfo("night-1", "cat", 3, 0.0))
+    write(storage, 1, *[make_record(f"i{i}", seed=i, run_id="night-1") for i in range(3)])
+    build_generation(storage, 1, run_id="night-1", grace_s=0.0)
+    assert load_manifest(storage).current().model_id == MODEL_ID  # type: ignore[union-attr]
+    write_run(storage, RunInfo("night-2", "cat", 3, 0.0))
+    new = [
+        make_record(f"i{i}", version=2, seed=10 + i, run_id="night-2", model_id="m-new")
+        for i in range(2)
+    ]  # i2 failed in night-2
+    write(storage, 1, *new)
+    write(storage, 1, make_record("cms-late", seed=7))  # the old model, after the switch
+    with pytest.raises(IndexBuildError, match="several models"):
+        build_generation(storage, 1)  # not a run's build: the mix is refused, not guessed
+    info = build_generation(storage, 1, run_id="night-2", grace_s=0.0)
+    assert info.model_id == "m-new"
+    assert live_ids(storage) == {image_id_for(f"i{i}", "0") for i in range(2)}
 
 
 def test_build_logs_each_shard(storage: LocalStorage, make_record: RecordFactory) -> None:

@@ -35,6 +35,7 @@ from tests.support.decode_pool_hooks import (
 from workers.decode.cpu import decode_image
 from workers.decode.parent_watch import ORPHANED_EXIT_CODE, ChildWatch, ParentWatch
 from workers.decode.pool import DecodePool
+from workers.decode.preprocess import Preprocess
 
 
 def jpeg_bytes(seed: int = 1, width_px: int = 640, height_px: int = 480) -> bytes:
@@ -75,7 +76,7 @@ def test_permanent_errors_keep_their_reason(pool: HookedDecodePool) -> None:
 
 def test_pool_options_reach_workers() -> None:
     data = jpeg_bytes()
-    with HookedDecodePool(1, size=64, recover_truncated=False) as small:
+    with HookedDecodePool(1, preprocess=Preprocess(64), recover_truncated=False) as small:
         assert small.decode_sync(data).pixels.shape == (64, 64, 3)
         with pytest.raises(PermanentError) as err:
             small.decode_sync(data[: len(data) // 2])

@@ -17,6 +17,7 @@ from torch import nn
 from common.config import load_settings
 from common.errors import ConfigError
 from imgfleet.factories import embed_threads, embed_threads_for_cpu, make_embedder
+from workers.decode.preprocess import Preprocess
 from workers.embed.backends import (
     EngineOptions,
     powers_of_two_up_to,
@@ -24,7 +25,7 @@ from workers.embed.backends import (
     resolve_precision,
 )
 from workers.embed.embedder import ModelEmbedder, NonFiniteEmbeddingError, usable_cpus
-from workers.embed.model import LoadedModel, load_model
+from workers.embed.model import PLUMBING, LoadedModel, load_model
 from workers.embed.model_card import ModelCard
 from workers.embed.tensorrt import EngineKey, batch_profile, calibration_images, engine_path
 
@@ -39,7 +40,7 @@ def _batch(n: int, seed: int = 0, size: int = 224) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def plain() -> ModelEmbedder:
-    return ModelEmbedder(load_model(None), threads=2)
+    return ModelEmbedder(load_model(PLUMBING), threads=2)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -48,7 +49,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_padding_to_preferred_sizes_changes_no_vector(plain: ModelEmbedder) -> None:
     padded = ModelEmbedder(
-        load_model(None),
+        load_model(PLUMBING),
         threads=2,
         options=EngineOptions(preferred_batch_sizes=(4, 8), max_batch=8),
     )
@@ -109,7 +110,7 @@ class _FakeHalf:
 
 
 def _small_card() -> ModelCard:
-    return ModelCard("scaled", input_size=16, output_dim=3)
+    return ModelCard("scaled", preprocess=Preprocess(16), output_dim=3)
 
 
 def test_non_finite_rows_are_rerun_in_fp32() -> None:
@@ -142,7 +143,7 @@ def test_rows_non_finite_in_fp32_are_refused_by_row() -> None:
 
 
 def test_output_width_must_match_the_card() -> None:
-    card = ModelCard("wrong", input_size=16, output_dim=5)
+    card = ModelCard("wrong", preprocess=Preprocess(16), output_dim=5)
     embedder = ModelEmbedder(LoadedModel(_Scaled(), card, "wrong-1"), threads=1)
     with pytest.raises(ConfigError, match="output_dim"):
         embedder.embed(_batch(2, size=16))
@@ -169,7 +170,7 @@ def test_precision_and_batch_size_choices() -> None:
 
 
 def test_bf16_on_the_cpu_stays_close_to_fp32(plain: ModelEmbedder) -> None:
-    bf16 = ModelEmbedder(load_model(None), threads=2, options=EngineOptions(precision="bf16"))
+    bf16 = ModelEmbedder(load_model(PLUMBING), threads=2, options=EngineOptions(precision="bf16"))
     batch = _batch(4, seed=5)
     assert bf16.precision == "bf16"
     assert _cosines(bf16.embed(batch), plain.embed(batch)).min() >= 0.99
@@ -195,7 +196,7 @@ def test_make_embedder_reads_the_model_section(tmp_path: Path) -> None:
     assert settings.model.preferred_batch_sizes == [4, 16]
     embedder = make_embedder(settings)
     assert embedder.preferred_batch_sizes == (4, 16) and embedder.threads == 1
-    assert embedder.embed(_batch(5)).shape == (5, 256)
+    assert embedder.embed(_batch(5)).shape == (5, 1280)  # the default: EfficientNet-Lite0
     with pytest.raises(ConfigError):
         load_settings(model={"preferred_batch_sizes": [0]})
     with pytest.raises(ConfigError):
@@ -232,12 +233,12 @@ def test_calibration_images_use_the_reference_preprocessing(tmp_path: Path) -> N
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (40, 60, 3), np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "junk.jpg").write_bytes(b"not an image")
-    images = calibration_images(tmp_path, 32, max_images=2)
+    images = calibration_images(tmp_path, Preprocess(32), max_images=2)
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
     with Image.open(tmp_path / "0.png") as img:
-        np.testing.assert_array_equal(images[0], reference_preprocess(img, 32))
+        np.testing.assert_array_equal(images[0], reference_preprocess(img, Preprocess(32)))
     with pytest.raises(ConfigError):
-        calibration_images(tmp_path / "none", 32, 2)
+        calibration_images(tmp_path / "none", Preprocess(32), 2)
 
 
 # -- GPU ---------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def test_gpu_runner_matches_the_cpu_reference(
     plain: ModelEmbedder, precision: str, floor: float
 ) -> None:
     embedder = ModelEmbedder(
-        load_model(None),
+        load_model(PLUMBING),
         device="cuda",
         options=EngineOptions(backend="torch", precision=precision, max_batch=16, in_flight=2),  # type: ignore[arg-type]
     )
@@ -272,7 +273,7 @@ def test_gpu_runner_matches_the_cpu_reference(
 @needs_cuda
 def test_cuda_graphs_and_instances_give_the_same_vectors(plain: ModelEmbedder) -> None:
     embedder = ModelEmbedder(
-        load_model(None),
+        load_model(PLUMBING),
         device="cuda",
         options=EngineOptions(
             backend="torch", precision="fp16", max_batch=8, cuda_graphs=True, instances=2
@@ -300,12 +301,12 @@ def test_tensorrt_engine_is_built_once_and_cached(plain: ModelEmbedder, tmp_path
     options = EngineOptions(
         backend="tensorrt", precision="fp16", max_batch=16, engine_cache_dir=str(tmp_path)
     )
-    first = ModelEmbedder(load_model(None), device="cuda", options=options)
+    first = ModelEmbedder(load_model(PLUMBING), device="cuda", options=options)
     assert first.backend == "tensorrt"
     engines = list(tmp_path.glob("*.engine"))
     assert len(engines) == 1
     built_at = engines[0].stat().st_mtime_ns
-    second = ModelEmbedder(load_model(None), device="cuda", options=options)
+    second = ModelEmbedder(load_model(PLUMBING), device="cuda", options=options)
     assert engines[0].stat().st_mtime_ns == built_at  # loaded from the cache
     batch = _batch(13, seed=2)
     assert _cosines(second.embed(batch), plain.embed(batch)).min() >= TRT_FP16_MIN_COSINE
@@ -318,7 +319,7 @@ def test_the_backend_line_says_why_tensorrt_is_not_used() -> None:
 
     configure_logging("console", "info")  # an earlier test may have raised the level
     with capture_logs() as logs:
-        embedder = ModelEmbedder(load_model(None), threads=1)
+        embedder = ModelEmbedder(load_model(PLUMBING), threads=1)
     (line,) = [e for e in logs if e["event"] == "embedding_backend"]
     assert line["log_level"] == "info" and line["backend"] == "torch"
     assert line["tensorrt"].startswith("device is cpu")

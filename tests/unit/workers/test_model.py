@@ -1,4 +1,4 @@
-"""Default embedding model, TorchScript loading, model cards and the ModelEmbedder."""
+"""The default model, the plumbing CNN, TorchScript loading, model cards and the ModelEmbedder."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from common.errors import ConfigError
-from tests.support.models import save_default_as_torchscript
+from tests.support.models import save_plumbing_as_torchscript
+from workers.decode.preprocess import Preprocess
 from workers.embed.embedder import ModelEmbedder
 from workers.embed.model import (
     DEFAULT_MODEL_NAME,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DefaultEmbedder,
+    PLUMBING,
     ModelCard,
     card_path_for,
     load_model,
 )
+from workers.embed.plumbing import PlumbingCNN
 
 INPUT_SIZE = 224
 N_SYNTHETIC = 40
@@ -96,6 +96,25 @@ def default_embedder() -> ModelEmbedder:
     return ModelEmbedder(load_model(None), threads=2)
 
 
+@pytest.fixture(scope="module")
+def plumbing_embedder() -> ModelEmbedder:
+    return ModelEmbedder(load_model(PLUMBING), threads=2)
+
+
+def test_the_default_is_pretrained_efficientnet_lite0(default_embedder: ModelEmbedder) -> None:
+    card = default_embedder.card
+    assert card.name == DEFAULT_MODEL_NAME == "efficientnet-lite0-imagenet"
+    assert card.output_dim == 1280 and card.mean == card.std == (0.5, 0.5, 0.5)
+    assert card.preprocess == Preprocess(224, "crop", "bicubic", crop_pct=0.882)
+    # On the CPU it runs through ONNX Runtime (the exported graph of the same module).
+    assert default_embedder.backend == "onnxruntime"
+
+
+def test_the_plumbing_cnn_says_what_it_is(plumbing_embedder: ModelEmbedder) -> None:
+    assert plumbing_embedder.model_id.startswith("plumbing-random-cnn-")
+    assert plumbing_embedder.dim == 256
+
+
 def test_default_model_is_deterministic() -> None:
     first, second = load_model(None), load_model("default")
     assert first.model_id == second.model_id
@@ -111,25 +130,26 @@ def test_building_the_model_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    DefaultEmbedder()
+    PlumbingCNN()
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_outputs_are_unit_norm_with_card_dim(default_embedder: ModelEmbedder) -> None:
     vectors = default_embedder.embed(_random_batch(5))
-    assert vectors.dtype == np.float32 and vectors.shape == (5, 256)
+    assert vectors.dtype == np.float32 and vectors.shape == (5, 1280)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert default_embedder.dim == 256
+    assert default_embedder.dim == 1280
 
 
 def test_embedder_normalises_with_the_card(default_embedder: ModelEmbedder) -> None:
     batch = _random_batch(2, seed=7)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(default_embedder.card.mean).view(1, 3, 1, 1)
+    std = torch.tensor(default_embedder.card.std).view(1, 3, 1, 1)
     x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
     with torch.inference_mode():
         expected = default_embedder.module(x).numpy()
-    np.testing.assert_allclose(default_embedder.embed(batch), expected, atol=1e-5)
+    # The eager module against the ONNX Runtime graph the embedder runs.
+    np.testing.assert_allclose(default_embedder.embed(batch), expected, atol=1e-4)
 
 
 def test_embed_rejects_wrong_input(default_embedder: ModelEmbedder) -> None:
@@ -137,11 +157,11 @@ def test_embed_rejects_wrong_input(default_embedder: ModelEmbedder) -> None:
         default_embedder.embed(_random_batch(1).astype(np.float32))
     with pytest.raises(ValueError):
         default_embedder.embed(np.zeros((1, 100, 100, 3), dtype=np.uint8))
-    assert default_embedder.embed(_random_batch(0)).shape == (0, 256)
+    assert default_embedder.embed(_random_batch(0)).shape == (0, 1280)
 
 
 def test_model_card_json_round_trip(tmp_path: Path) -> None:
-    card = ModelCard("clip-ish", input_size=256, mean=(0.5, 0.5, 0.5), output_dim=512)
+    card = ModelCard("clip-ish", preprocess=Preprocess(256), mean=(0.5, 0.5, 0.5), output_dim=512)
     path = card_path_for(tmp_path / "clip-ish.pt")
     assert path.name == "clip-ish.card.json"
     card.save(path)
@@ -151,23 +171,23 @@ def test_model_card_json_round_trip(tmp_path: Path) -> None:
         ModelCard.load(path)
 
 
-def test_torchscript_round_trip(tmp_path: Path, default_embedder: ModelEmbedder) -> None:
+def test_torchscript_round_trip(tmp_path: Path, plumbing_embedder: ModelEmbedder) -> None:
     model_path = tmp_path / "default.pt"
-    card = save_default_as_torchscript(model_path)
+    card = save_plumbing_as_torchscript(model_path)
     loaded = load_model(str(model_path))
     assert loaded.card == card
     assert loaded.model_id.startswith(f"{card.name}-")
-    assert loaded.model_id != default_embedder.model_id
+    assert loaded.model_id != plumbing_embedder.model_id
     assert load_model(str(model_path)).model_id == loaded.model_id
     batch = _random_batch(3, seed=3)
     np.testing.assert_allclose(
-        ModelEmbedder(loaded, threads=2).embed(batch), default_embedder.embed(batch), atol=1e-5
+        ModelEmbedder(loaded, threads=2).embed(batch), plumbing_embedder.embed(batch), atol=1e-5
     )
 
 
 def test_torchscript_without_card_probes_output_dim(tmp_path: Path) -> None:
     model_path = tmp_path / "bare.pt"
-    save_default_as_torchscript(model_path)
+    save_plumbing_as_torchscript(model_path)
     card_path_for(model_path).unlink()
     loaded = load_model(str(model_path))
     assert loaded.card.output_dim == 256

@@ -11,13 +11,14 @@ from structlog.testing import capture_logs
 
 from common.errors import ConfigError
 from tests.conftest import s3_client
-from tests.support.models import save_default_as_torchscript
+from tests.support.models import save_plumbing_as_torchscript
 from workers.embed.backends import EngineOptions
 from workers.embed.embedder import ModelEmbedder
-from workers.embed.model import DefaultEmbedder, load_model
+from workers.embed.model import PLUMBING, load_model
 from workers.embed.model_card import ModelCard, card_path_for
 from workers.embed.model_sources import parse_s3_model_url, resolve_model_path
 from workers.embed.onnx_export import INPUT_NAME, export_model, export_onnx
+from workers.embed.plumbing import PlumbingCNN
 
 BUCKET = "models"
 
@@ -41,13 +42,13 @@ def test_card_carries_batch_sizes_and_model_id(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    onnx_path = tmp_path_factory.mktemp("export") / "default.onnx"
-    export_model(load_model(None), onnx_path, max_batch=64)
+    onnx_path = tmp_path_factory.mktemp("export") / "plumbing.onnx"
+    export_model(load_model(PLUMBING), onnx_path, max_batch=64)
     return onnx_path
 
 
 def test_export_writes_onnx_twin_and_card_with_the_source_id(exported: Path) -> None:
-    source = load_model(None)
+    source = load_model(PLUMBING)
     assert exported.is_file() and exported.with_suffix(".pt").is_file()
     card = ModelCard.load(card_path_for(exported))
     assert card.model_id == source.model_id and card.output_dim == 256
@@ -67,7 +68,7 @@ def test_onnx_graph_matches_pytorch_at_any_batch_size(exported: Path) -> None:
     batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     assert model.graph.input[0].name == INPUT_NAME and batch_dim.dim_param  # dynamic batch
     evaluator = ReferenceEvaluator(model)
-    module = DefaultEmbedder()
+    module = PlumbingCNN()
     for n in (1, 3):
         x = torch.from_numpy(np.random.default_rng(n).standard_normal((n, 3, 224, 224)))
         x = x.float()
@@ -83,7 +84,7 @@ def test_torchscript_exports_through_the_legacy_exporter(tmp_path: Path) -> None
     import onnx
 
     script_path = tmp_path / "ts.pt"
-    save_default_as_torchscript(script_path)
+    save_plumbing_as_torchscript(script_path)
     target = export_onnx(
         load_model(str(script_path)).require_module(), tmp_path / "ts.onnx", input_size=64
     )
@@ -91,7 +92,7 @@ def test_torchscript_exports_through_the_legacy_exporter(tmp_path: Path) -> None
 
 
 def test_onnx_model_falls_back_to_pytorch_with_a_log_line(exported: Path) -> None:
-    reference = ModelEmbedder(load_model(None), threads=1).embed(_batch(3))
+    reference = ModelEmbedder(load_model(PLUMBING), threads=1).embed(_batch(3))
     with capture_logs() as logs:
         embedder = ModelEmbedder(
             load_model(str(exported)), threads=1, options=EngineOptions(backend="tensorrt")
@@ -110,8 +111,16 @@ def test_onnx_without_card_or_twin(tmp_path: Path, exported: Path) -> None:
     ModelCard.load(card_path_for(exported)).save(card_path_for(lonely))
     loaded = load_model(str(lonely))
     assert loaded.module is None
+    # ONNX only: the CPU runs it through ONNX Runtime, and gets the source model's vectors.
+    embedder = ModelEmbedder(loaded, threads=1)
+    assert embedder.backend == "onnxruntime" and embedder.model_id == loaded.model_id
+    reference = ModelEmbedder(
+        load_model(PLUMBING), threads=1, options=EngineOptions(backend="torch")
+    )
+    np.testing.assert_allclose(embedder.embed(_batch(3)), reference.embed(_batch(3)), atol=1e-5)
+    # PyTorch asked for explicitly, with no module to run: a clear refusal.
     with pytest.raises(ConfigError, match="TorchScript twin"):
-        ModelEmbedder(loaded, threads=1)
+        ModelEmbedder(loaded, threads=1, options=EngineOptions(backend="torch"))
 
 
 def test_local_paths_resolve_and_missing_ones_are_config_errors(tmp_path: Path) -> None:
@@ -144,7 +153,7 @@ def test_s3_model_downloads_with_card_and_twin_and_is_cached(
     cache = tmp_path / "cache"
     local = resolve_model_path("s3://models/prod/default.onnx", cache_dir=cache, s3_client=client)
     loaded = load_model(local)
-    assert loaded.model_id == load_model(None).model_id and loaded.module is not None
+    assert loaded.model_id == load_model(PLUMBING).model_id and loaded.module is not None
     assert Path(local).with_suffix(".pt").is_file()
     # Unchanged object: the same cache entry, nothing fetched again.
     Path(local).with_suffix(".pt").unlink()
@@ -158,3 +167,9 @@ def test_s3_model_downloads_with_card_and_twin_and_is_cached(
     assert replaced != local and Path(replaced).with_suffix(".pt").is_file()
     with pytest.raises(ConfigError, match="cannot be read"):
         resolve_model_path("s3://models/prod/missing.onnx", cache_dir=cache, s3_client=client)
+
+
+def test_model_names_pass_through_as_names(tmp_path: Path) -> None:
+    for name in ("plumbing", "efficientnet-lite0", "timm:resnet18.a1_in1k", "hf:org/repo"):
+        assert resolve_model_path(name, cache_dir=tmp_path) == name
+    assert resolve_model_path("open_clip:ViT-B-32/laion2b_s34b_b79k", cache_dir=tmp_path)

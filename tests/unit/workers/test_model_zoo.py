@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from workers.decode.preprocess import Preprocess
 from workers.embed.embedder import ModelEmbedder
 from workers.embed.model import LoadedModel
 from workers.embed.model_card import ModelCard
@@ -24,7 +25,7 @@ def test_a_small_vit_embeds_through_the_engine() -> None:
     module = VisionTransformer(
         image_size=32, patch_size=16, width=64, depth=2, heads=4, mlp_dim=128, output_dim=16
     )
-    card = ModelCard("tiny-vit", input_size=32, output_dim=16)
+    card = ModelCard("tiny-vit", preprocess=Preprocess(32), output_dim=16)
     embedder = ModelEmbedder(LoadedModel(module, card, "tiny-vit-0"), threads=1)
     batch = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     vectors = embedder.embed(batch)
