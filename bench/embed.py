@@ -77,13 +77,15 @@ def cpu_engines(pixels: np.ndarray, batch: int, quick: bool) -> dict[str, Any]:
     """The default model through each CPU engine: images/s and min cosine to eager fp32."""
     from dataclasses import replace
 
+    import torch
+
     from workers.embed.backends import EngineOptions
     from workers.embed.efficientnet_lite import pretrained
     from workers.embed.embedder import ModelEmbedder
     from workers.embed.model import load_model
 
     loaded = load_model("default")
-    threads = int(__import__("torch").get_num_threads())
+    threads = torch.get_num_threads()
     eager = replace(loaded, module=pretrained(loaded.card.input_size, fold=False))
     contenders: list[tuple[str, Any, EngineOptions]] = [
         ("torch_eager_fp32", eager, EngineOptions(backend="torch", channels_last=False)),
