@@ -235,6 +235,9 @@ class WorkerConfig(_Section):
     # Decode pool restarts in a row with no decode completing: exit 1 (the pool cannot
     # be restarted); a crashing image costs one restart, and successes reset the count.
     decode_pool_max_restarts: int = Field(default=defaults.DECODE_POOL_MAX_RESTARTS, ge=1)
+    # One image's decode longer than this: its process is killed and replaced, the image
+    # dead-lettered as undecodable (jobs in flight beside it are retried).
+    decode_timeout_s: float = Field(default=defaults.DECODE_TIMEOUT_S, gt=0)
 
 
 class ModelConfig(_Section):

@@ -11,3 +11,6 @@ from __future__ import annotations
 
 MAX_PIXELS = 50_000_000  # worker.max_pixels
 DECODE_POOL_MAX_RESTARTS = 20  # worker.decode_pool_max_restarts
+# worker.decode_timeout_s: a 50-megapixel progressive JPEG takes about 2 s on one loaded
+# core; a decoder still busy after 30 s is stuck on its input.
+DECODE_TIMEOUT_S = 30.0

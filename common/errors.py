@@ -25,6 +25,9 @@ class Reason(StrEnum):
     HTTP_4XX = "http_4xx"
     EMPTY = "empty"
     NOT_AN_IMAGE = "not_an_image"
+    UNSUPPORTED_FORMAT = (
+        "unsupported_format"  # an image format no decoder here reads (JPEG XL, ...)
+    )
     UNDECODABLE = "undecodable"
     TRUNCATED = "truncated"
     TOO_LARGE = "too_large"

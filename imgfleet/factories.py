@@ -416,6 +416,7 @@ def make_decode_pool(settings: Settings, *, on_restart: Callable[[], None]) -> D
         shrink_on_load=w.decode_shrink_on_load,
         max_restarts=w.decode_pool_max_restarts,
         on_restart=on_restart,
+        timeout_s=w.decode_timeout_s,
     )
 
 

@@ -418,7 +418,10 @@ class Worker:
                 with self.metrics.time_stage("decode"):
                     result = await self.decoder.decode(item.data)
                 self.metrics.count_decode(
-                    result.format or "unknown", gpu=result.on_gpu, recovered=result.recovered
+                    result.format or "unknown",
+                    gpu=result.on_gpu,
+                    recovered=result.recovered,
+                    fallback=result.fallback,
                 )
                 if result.recovered and not self.settings.index_recovered:
                     raise PermanentError(

@@ -182,7 +182,7 @@ class Metrics(MetricGroup):
         )
         self.decode_total = Counter(
             "imgfleet_decode_total",
-            "Images decoded, by sniffed format and decode path (gpu, cpu, recovered)",
+            "Images decoded, by sniffed format and decode path (gpu, cpu, fallback, recovered)",
             ["format", "path"],
             registry=r,
         )
@@ -305,8 +305,11 @@ class Metrics(MetricGroup):
         self.batch_fill_ratio.observe(size / max_batch if max_batch else 0.0)
         self.stage_seconds.observe("batch_wait", wait_s)
 
-    def count_decode(self, image_format: str, *, gpu: bool, recovered: bool) -> None:
-        path = "recovered" if recovered else "gpu" if gpu else "cpu"
+    def count_decode(
+        self, image_format: str, *, gpu: bool, recovered: bool, fallback: bool = False
+    ) -> None:
+        # fallback: the format's own decoder failed and another one read the image.
+        path = "recovered" if recovered else "gpu" if gpu else "fallback" if fallback else "cpu"
         self.decode_total.labels(format=image_format or "unknown", path=path).inc()
 
     def set_build_info(self, model_id: str, version: str | None = None) -> None:

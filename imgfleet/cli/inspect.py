@@ -80,8 +80,9 @@ async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str
                 "width": None,
                 "height": None,
                 "bytes": None,
-                "path": None,
+                "path": None,  # the decoder that read it; "...-fallback" after another failed
                 "decoded_fraction": None,
+                "colour_from": None,  # the ICC profile converted to sRGB ("" : none needed)
                 "content_hash": None,
                 "etag": None,
                 "last_modified": None,
@@ -117,6 +118,7 @@ async def inspect_inputs(inputs: list[str], settings: Settings) -> list[dict[str
                     height=result.height,
                     path=result.path,
                     decoded_fraction=round(result.decoded_fraction, 3),
+                    colour_from=result.colour_from,
                     decode_ms=round(result.decode_ms, 2),
                     would_index=not result.recovered or w.truncated_policy == "index",
                 )
@@ -144,6 +146,9 @@ def run_inspect(inputs: list[str], settings: Settings, *, as_json: bool) -> int:
         size = f"{r['width']}x{r['height']}" if r["width"] else "-"
         timing = f"{r['total_ms']:.0f} ms"
         line = f"{r['status']:<10}{r['format'] or '-':<6}{size:<12}{timing:>8}  {r['input']}"
+        if r["path"] and (r["path"].endswith("-fallback") or r["colour_from"]):
+            colour = f", {r['colour_from']} -> sRGB" if r["colour_from"] else ""
+            line += f"\n          decoded by {r['path']}{colour}"
         if r["reason"]:
             line += f"\n          {r['reason']}: {r['error']}"
         print(line)

@@ -28,6 +28,7 @@ from index.publish import build_generation
 from index.search import Searcher
 from tests.support import local_worker
 from tests.support.faulty_image_server import FaultyImageServer
+from tests.support.icc import DISPLAY_P3, rgb_profile
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +64,18 @@ def png_header_only(side: int) -> bytes:
     )
 
 
+def _bad_crc_text_chunk(png: bytes) -> bytes:
+    body = b"tEXtComment\x00made by a broken encoder"
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body) ^ 1)
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunk + png[at:]
+
+
 def write_corpus(images: Path) -> dict[str, str | None]:
     """File name -> expected dead-letter reason (None: indexed)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()  # for writing the HEIC case here
     images.mkdir(parents=True)
     p = photo(900, 700)
     exif = Image.Exif()
@@ -97,6 +108,15 @@ def write_corpus(images: Path) -> dict[str, str | None]:
         "garbage.jpg": (b"\xff\xd8\xff\xe0" + bytes(range(256)) * 20, "undecodable"),
         "oversize.jpg": (b"\xff\xd8\xff\xe0" + bytes(9 * 2**20), "too_large"),
         "slow-drip.jpg": (baseline, "timeout"),
+        # Colour, fallback decoding and the formats CDNs serve.
+        "display-p3.jpg": (
+            encode(p, "JPEG", icc_profile=rgb_profile("Display P3", DISPLAY_P3)),
+            None,
+        ),
+        "bad-crc-text.png": (_bad_crc_text_chunk(encode(p, "PNG")), None),  # Pillow refuses it
+        "photo.avif": (encode(p, "AVIF", quality=80), None),
+        "photo.heic": (encode(p, "HEIF", quality=80), None),
+        "photo.jxl": (b"\xff\x0a\xfa\x7f" + bytes(256), "unsupported_format"),
     }
     for name, (data, _) in files.items():
         (images / name).write_bytes(data)
@@ -157,6 +177,9 @@ def test_every_odd_image_ends_with_the_right_outcome(tmp_path: Path) -> None:
                     urls["page.jpg"],
                     urls["bomb-30000.png"],
                     urls["gzip-bomb.jpg"],
+                    urls["display-p3.jpg"],
+                    urls["bad-crc-text.png"],
+                    urls["photo.jxl"],
                 ],
                 settings,
             )
@@ -183,5 +206,8 @@ def test_every_odd_image_ends_with_the_right_outcome(tmp_path: Path) -> None:
     assert by_input["page.jpg"]["reason"] == "not_an_image"
     assert by_input["bomb-30000.png"]["reason"] == "too_many_pixels"
     assert by_input["gzip-bomb.jpg"]["reason"] == "too_large"
+    assert by_input["display-p3.jpg"]["colour_from"] == "Display P3"
+    assert by_input["bad-crc-text.png"]["path"].endswith("-fallback")
+    assert by_input["photo.jxl"]["reason"] == "unsupported_format"
     for report in reports:
         assert report["total_ms"] is not None and {"input", "status", "format"} <= report.keys()

@@ -20,8 +20,10 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, TypeVar
 
+from workers.decode.cpu import decode_image
 from workers.decode.parent_watch import ChildWatch
 from workers.decode.pool import DecodePool
 from workers.decode.types import DecodeResult
@@ -56,6 +58,16 @@ def arm_then_sleep(watch: ChildWatch, sleep_s: float) -> None:
     time.sleep(sleep_s)
 
 
+HANG = b"HANG"  # bytes that make decode_or_hang block, as a decoder stuck in native code
+
+
+def decode_or_hang(data: bytes, **options: Any) -> DecodeResult:
+    """``decode_image``, except that bytes starting with ``HANG`` never return."""
+    if data.startswith(HANG):
+        time.sleep(3600)
+    return decode_image(data, **options)
+
+
 class HookedDecodePool(DecodePool):
     def run_in_worker(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """``fn(*args)`` in a pool process; a dead process surfaces as DECODER_CRASHED."""
@@ -66,3 +78,12 @@ class HookedDecodePool(DecodePool):
 
     def decode_sync(self, data: bytes) -> DecodeResult:
         return self._submit_decode(data).result()
+
+
+class HangingDecodePool(HookedDecodePool):
+    """A pool whose processes decode with ``decode_or_hang``."""
+
+    def _decode_args(self) -> Callable[[bytes], DecodeResult]:
+        base = super()._decode_args()
+        assert isinstance(base, partial)
+        return partial(decode_or_hang, **base.keywords)

@@ -34,13 +34,16 @@ class JpegInfo:
     adobe: bool  # an APP14 Adobe segment: often CMYK / YCCK, which nvJPEG mishandles
     height: int = 0
     width: int = 0
+    # An APP2 ICC_PROFILE segment: its colours need converting to sRGB, which the CPU
+    # path does and nvJPEG does not.
+    icc: bool = False
 
 
 def jpeg_info(data: bytes) -> JpegInfo | None:
     """Walk the JPEG markers up to the frame header; None if not a parseable JPEG."""
     if not data.startswith(b"\xff\xd8"):
         return None
-    pos, adobe = 2, False
+    pos, adobe, icc = 2, False, False
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             return None
@@ -51,6 +54,8 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker == 0xEE and data[pos + 4 : pos + 9] == b"Adobe":
             adobe = True
+        if marker == 0xE2 and data[pos + 4 : pos + 16] == b"ICC_PROFILE\0":
+            icc = True
         if marker in _SOF_KINDS or marker in _OTHER_SOF:
             if pos + 10 > len(data):
                 return None
@@ -61,6 +66,7 @@ def jpeg_info(data: bytes) -> JpegInfo | None:
                 adobe=adobe,
                 height=int.from_bytes(data[pos + 5 : pos + 7], "big"),
                 width=int.from_bytes(data[pos + 7 : pos + 9], "big"),
+                icc=icc,
             )
         if marker == 0xDA:  # start of scan before any frame header: broken
             return None
@@ -76,6 +82,7 @@ def gpu_eligible(data: bytes) -> bool:
         and info.precision_bits == 8
         and info.components in (1, 3)
         and not info.adobe
+        and not info.icc
     )
 
 

@@ -29,6 +29,7 @@ the worker exits for its orchestrator to restart it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -45,7 +46,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 import common.defaults as defaults
-from common.errors import Reason, TransientError, UnrecoverableError
+from common.errors import PermanentError, Reason, TransientError, UnrecoverableError
 from common.observability.logging import apply_logging_config, get_logger, logging_config
 from workers.decode.cpu import DEFAULT_MAX_PIXELS, configure_decoder_threads, decode_image
 from workers.decode.limits import IN_FLIGHT_PER_PROCESS
@@ -153,6 +154,7 @@ class DecodePool:
         shared_slots: int | None = None,
         max_restarts: int = defaults.DECODE_POOL_MAX_RESTARTS,
         on_restart: Callable[[], None] | None = None,
+        timeout_s: float = defaults.DECODE_TIMEOUT_S,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
@@ -168,6 +170,8 @@ class DecodePool:
         self.recover_truncated = recover_truncated
         self.min_decoded_fraction = min_decoded_fraction
         self.shrink_on_load = shrink_on_load
+        self.timeout_s = timeout_s
+        self.timeouts = 0  # decodes stopped for running past timeout_s
         # What the pipeline keeps in flight, plus headroom; beyond it results are pickled.
         self._slot_count = (
             processes * (IN_FLIGHT_PER_PROCESS + 2) if shared_slots is None else shared_slots
@@ -229,7 +233,32 @@ class DecodePool:
         )
 
     async def decode(self, data: bytes) -> DecodeResult:
-        return await asyncio.wrap_future(self._submit_decode(data))
+        """One image, within ``timeout_s``: a decoder still busy then is stuck in native code
+        (no Python-level interrupt reaches it), so the pool's processes are killed and
+        replaced, this image fails as undecodable and the jobs beside it are retried."""
+        future = self._submit_decode(data)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+        except TimeoutError:
+            self._stop_hung_processes()
+            raise PermanentError(
+                f"decoding took longer than {self.timeout_s:g} s; the decoder was stopped",
+                Reason.UNDECODABLE,
+            ) from None
+
+    def _stop_hung_processes(self) -> None:
+        # ProcessPoolExecutor cannot stop one task: kill its processes and swap in a new
+        # executor now, so the next jobs do not land on the dying one; the jobs that were
+        # in flight there settle through the crash path (_settle) as after a native crash.
+        with self._lock:
+            executor = self._executor
+            self.timeouts += 1
+            if not self._closed:
+                self._replace_locked(executor)
+        self._log.error("decode timed out; decode processes restarted", timeout_s=self.timeout_s)
+        for process in list(getattr(executor, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                process.kill()
 
     def _decode_args(self) -> Callable[[bytes], DecodeResult]:
         # A partial of a module-level function pickles by reference: cheap to send per job.

@@ -4,8 +4,11 @@ A model says how it wants its pixels (``Preprocess``, carried by its model card 
 from the model library's own transform config). For an image of any mode and size:
 
 1. apply the EXIF orientation;
-2. convert to 8-bit RGB: alpha (and PNG/GIF transparency) is composited on white, 16-bit
-   samples keep their high byte (``v >> 8``), CMYK / greyscale / palette go through Pillow;
+2. convert to 8-bit sRGB: an embedded ICC profile (Adobe RGB, Display P3, CMYK with its
+   profile, ...) is converted to sRGB with littlecms (perceptual intent), so a wide-gamut
+   or CMYK product photo lands where its sRGB twin does; alpha (and PNG/GIF transparency)
+   is composited on white, 16-bit samples keep their high byte (``v >> 8``), CMYK /
+   greyscale / palette without a profile go through Pillow;
 3. resize with Pillow's ``BILINEAR`` or ``BICUBIC`` filter. Pillow widens the filter by the
    scale factor when shrinking, so this is an antialiased resize (what ``torchvision``
    calls ``antialias=True``), which the GPU path reproduces. No ``reducing_gap``: that
@@ -30,10 +33,12 @@ same way.
 
 from __future__ import annotations
 
+import functools
+import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 from workers.decode.types import (
     DEFAULT_PREPROCESS,
@@ -54,12 +59,14 @@ __all__ = [
     "Interpolation",
     "Preprocess",
     "Resize",
+    "converted_profile",
     "draft_request",
     "plan",
     "reference_preprocess",
     "resize_and_crop",
     "resized_shape",
     "to_rgb",
+    "to_srgb",
 ]
 
 _PIL_FILTERS = {
@@ -112,8 +119,74 @@ def plan(height: int, width: int, spec: Preprocess) -> Geometry:
     return Geometry((new_h, new_w), offset, size)
 
 
+# Modes littlecms converts from, with the colour part of each: alpha is split off first.
+_ICC_MODES = {"RGB": "RGB", "RGBA": "RGB", "CMYK": "CMYK", "L": "L", "LA": "L"}
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@functools.lru_cache(maxsize=32)
+def _profile(icc: bytes) -> tuple[ImageCms.ImageCmsProfile | None, str]:
+    """The profile and its description; (None, "") when littlecms cannot read it."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return profile, ImageCms.getProfileDescription(profile).strip()
+    except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
+        return None, ""
+
+
+def converted_profile(icc: bytes | None) -> str:
+    """The description of a profile decode converts to sRGB; "" for none, for sRGB itself
+    and for one littlecms cannot read (those pixels are taken as sRGB)."""
+    if not icc:
+        return ""
+    profile, description = _profile(bytes(icc))
+    if profile is None or "srgb" in description.lower():
+        return ""
+    return description or "unnamed profile"
+
+
+@functools.lru_cache(maxsize=32)
+def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A cached littlecms transform from ``icc`` to sRGB; None when ``converted_profile``
+    says there is nothing to convert."""
+    profile, _ = _profile(icc)
+    if profile is None or not converted_profile(icc):
+        return None
+    try:
+        return ImageCms.buildTransform(
+            profile, _SRGB, mode, "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL
+        )
+    except (OSError, ImageCms.PyCMSError, TypeError, ValueError):
+        return None
+
+
+def to_srgb(img: Image.Image) -> Image.Image:
+    """``img`` with its embedded ICC profile converted to sRGB (alpha kept); unchanged
+    without a profile, with an sRGB one, or in a mode littlecms does not take."""
+    icc = img.info.get("icc_profile")
+    colour_mode = _ICC_MODES.get(img.mode)
+    if not icc or colour_mode is None:
+        return img
+    transform = _to_srgb_transform(bytes(icc), colour_mode)
+    if transform is None:
+        return img
+    alpha = img.getchannel("A") if img.mode in ("RGBA", "LA") else None
+    colour = img.convert(colour_mode) if alpha is not None else img
+    converted = ImageCms.applyTransform(colour, transform)
+    assert converted is not None  # applyTransform returns None only with inPlace=True
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a loaded image of any mode to 8-bit RGB, alpha composited on white."""
+    """Convert a loaded image of any mode to 8-bit sRGB, alpha composited on white."""
+    if img.mode == "P" and img.info.get("icc_profile"):
+        # Palette entries are in the profile's space: expand them, then convert.
+        icc = img.info["icc_profile"]
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        img.info["icc_profile"] = icc
+    img = to_srgb(img)
     if img.mode in _WIDE_GREY_MODES:
         wide = np.asarray(img).astype(np.int64)
         grey = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 INPUT_SIZE = 224
+FALLBACK_SUFFIX = "-fallback"  # DecodeResult.path of an image a fallback decoder read
 
 Resize = Literal["crop", "squash", "pad"]
 Interpolation = Literal["bilinear", "bicubic"]
@@ -98,6 +99,12 @@ class DecodeResult:
     path: str  # which decoder path produced the pixels, e.g. "pillow-draft", "nvjpeg"
     decoded_fraction: float = 1.0  # share of the image's rows that were really decoded
     on_gpu: bool = False  # decoded by nvJPEG (the GPU path), not by a CPU decoder
+    colour_from: str = ""  # the embedded ICC profile converted to sRGB ("": none needed)
+
+    @property
+    def fallback(self) -> bool:
+        """The format's own decoder failed and another one read the image."""
+        return self.path.endswith(FALLBACK_SUFFIX)
 
 
 class Decoder(Protocol):

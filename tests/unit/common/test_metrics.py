@@ -88,6 +88,8 @@ def test_batch_decode_and_build_info_helpers() -> None:
     metrics.count_decode("jpeg", gpu=True, recovered=False)
     metrics.count_decode("jpeg", gpu=False, recovered=True)
     metrics.count_decode("", gpu=False, recovered=False)
+    metrics.count_decode("png", gpu=False, recovered=False, fallback=True)
+    assert metrics.value("imgfleet_decode_total", format="png", path="fallback") == 1
     assert metrics.value("imgfleet_decode_total", format="jpeg", path="gpu") == 1
     assert metrics.value("imgfleet_decode_total", format="jpeg", path="recovered") == 1
     assert metrics.value("imgfleet_decode_total", format="unknown", path="cpu") == 1

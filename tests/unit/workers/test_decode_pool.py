@@ -27,6 +27,8 @@ from PIL import Image
 
 from common.errors import PermanentError, Reason, TransientError, UnrecoverableError
 from tests.support.decode_pool_hooks import (
+    HANG,
+    HangingDecodePool,
     HookedDecodePool,
     arm_then_sleep,
     parent_death_signal,
@@ -36,6 +38,7 @@ from workers.decode.cpu import decode_image
 from workers.decode.parent_watch import ORPHANED_EXIT_CODE, ChildWatch, ParentWatch
 from workers.decode.pool import DecodePool
 from workers.decode.preprocess import Preprocess
+from workers.decode.types import DecodeResult
 
 
 def jpeg_bytes(seed: int = 1, width_px: int = 640, height_px: int = 480) -> bytes:
@@ -241,3 +244,26 @@ def test_a_process_whose_parent_died_before_it_armed_exits() -> None:
         child.join(30)
         assert child.exitcode == ORPHANED_EXIT_CODE
     writer.close()
+
+
+def test_a_hung_decode_is_stopped_the_image_refused_and_the_pool_replaced() -> None:
+    good = jpeg_bytes()
+    with HangingDecodePool(2, timeout_s=1.0) as pool:
+
+        async def both() -> list[DecodeResult | BaseException]:
+            return await asyncio.gather(
+                pool.decode(HANG + good), pool.decode(good), return_exceptions=True
+            )
+
+        started = time.monotonic()
+        hung, beside = asyncio.run(both())
+        assert time.monotonic() - started < 10
+        assert isinstance(hung, PermanentError) and hung.reason is Reason.UNDECODABLE
+        assert "longer than 1 s" in str(hung)
+        # The job beside it either finished first or was caught in the restart: retried.
+        assert isinstance(beside, DecodeResult) or (
+            isinstance(beside, TransientError) and beside.reason is Reason.DECODER_CRASHED
+        )
+        assert pool.timeouts == 1
+        after = asyncio.run(pool.decode(good))  # new processes took over
+        assert after.pixels.shape == (224, 224, 3) and pool.restarts >= 1
