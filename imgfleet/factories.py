@@ -355,13 +355,9 @@ def embed_one(settings: Settings, data: bytes, embedder: Callable[[], Embedder])
     """
     import numpy as np
 
-    from common.errors import PermanentError, Reason
-    from workers.decode.cpu import decode_image, sniff_format
+    from workers.decode.cpu import decode_image, image_format_of
 
-    if not data:
-        raise PermanentError("zero-byte body", Reason.EMPTY)
-    if sniff_format(data) is None:
-        raise PermanentError(f"unknown magic bytes {data[:8]!r}", Reason.NOT_AN_IMAGE)
+    image_format_of(data)  # no image at all: refused before the model loads
     model = embedder()
     pixels = decode_image(
         data,

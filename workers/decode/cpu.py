@@ -49,7 +49,6 @@ from workers.decode.preprocess import (
     DEFAULT_PREPROCESS,
     Preprocess,
     converted_profile,
-    draft_request,
     resize_and_crop,
     to_rgb,
 )
@@ -175,6 +174,20 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def image_format_of(data: bytes) -> str:
+    """The sniffed format of bytes that can be decoded here; else the refusal
+    (``empty``, ``unsupported_format``, ``not_an_image``), before any decoder runs."""
+    if not data:
+        raise PermanentError("zero-byte body", Reason.EMPTY)
+    image_format = sniff_format(data)
+    if image_format is not None:
+        return image_format
+    unsupported = unsupported_format(data)
+    if unsupported is not None:
+        raise PermanentError(f"{unsupported} images are not supported", Reason.UNSUPPORTED_FORMAT)
+    raise PermanentError(f"unknown magic bytes {data[:8]!r}", Reason.NOT_AN_IMAGE)
+
+
 def decode_image(
     data: bytes,
     *,
@@ -193,16 +206,7 @@ def decode_image(
     exact reference pixels, at about half the speed on large photos).
     """
     started = time.perf_counter()
-    if not data:
-        raise PermanentError("zero-byte body", Reason.EMPTY)
-    image_format = sniff_format(data)
-    if image_format is None:
-        unsupported = unsupported_format(data)
-        if unsupported is not None:
-            raise PermanentError(
-                f"{unsupported} images are not supported", Reason.UNSUPPORTED_FORMAT
-            )
-        raise PermanentError(f"unknown magic bytes {data[:8]!r}", Reason.NOT_AN_IMAGE)
+    image_format = image_format_of(data)
     try:
         result = _decode(
             data,
@@ -366,19 +370,25 @@ def _fallback(
             continue
         if rgb.shape[0] * rgb.shape[1] > max_pixels:
             continue  # a header that lied about its size: the cap is not negotiable
-        # libjpeg fills what it could not decode with mid grey: that part is not picture.
-        fraction = _filled_row_fraction(rgb) if image_format == "jpeg" else 1.0
-        return _decoded(
-            rgb,
-            image_format,
-            width,
-            height,
-            spec,
-            path=f"{name}{FALLBACK_SUFFIX}",
-            recovered=fraction < 1.0,
-            decoded_fraction=fraction,
-        )
+        return _fallback_result(rgb, image_format, width, height, spec, name)
     return None
+
+
+def _fallback_result(
+    rgb: np.ndarray, image_format: str, width: int, height: int, spec: Preprocess, name: str
+) -> DecodeResult:
+    # libjpeg fills what it could not decode with mid grey: that part is not picture.
+    fraction = _filled_row_fraction(rgb) if image_format == "jpeg" else 1.0
+    return _decoded(
+        rgb,
+        image_format,
+        width,
+        height,
+        spec,
+        path=f"{name}{FALLBACK_SUFFIX}",
+        recovered=fraction < 1.0,
+        decoded_fraction=fraction,
+    )
 
 
 def _headerless_opencv(
@@ -391,17 +401,7 @@ def _headerless_opencv(
     except Exception:
         return None
     height, width = rgb.shape[:2]
-    fraction = _filled_row_fraction(rgb) if image_format == "jpeg" else 1.0
-    return _decoded(
-        rgb,
-        image_format,
-        width,
-        height,
-        spec,
-        path=f"opencv{FALLBACK_SUFFIX}",
-        recovered=fraction < 1.0,
-        decoded_fraction=fraction,
-    )
+    return _fallback_result(rgb, image_format, width, height, spec, "opencv")
 
 
 def _header_size(data: bytes, image_format: str) -> tuple[int, int] | None:
@@ -420,11 +420,17 @@ def _header_size(data: bytes, image_format: str) -> tuple[int, int] | None:
 def _pillow_rgb(data: bytes, image_format: str) -> np.ndarray:
     with _open(data, image_format) as img:
         img.load()
-        try:
-            oriented = ImageOps.exif_transpose(img)
-        except Exception:  # a damaged EXIF block should not lose a good image
-            oriented = img
-        return np.asarray(to_rgb(oriented), dtype=np.uint8)
+        return _oriented_rgb(img)[0]
+
+
+def _oriented_rgb(img: Image.Image) -> tuple[np.ndarray, str]:
+    """A loaded image, EXIF-oriented, as sRGB; and the profile it was converted from."""
+    try:
+        oriented = ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block should not lose a good image
+        oriented = img
+    colour_from = converted_profile(oriented.info.get("icc_profile"))
+    return np.asarray(to_rgb(oriented), dtype=np.uint8), colour_from
 
 
 def _opencv_rgb(data: bytes, image_format: str) -> np.ndarray:
@@ -435,6 +441,7 @@ def _opencv_rgb(data: bytes, image_format: str) -> np.ndarray:
         if array is None:
             raise ValueError("OpenCV could not decode the stream")
         return np.ascontiguousarray(cv2.cvtColor(array, cv2.COLOR_BGR2RGB))
+    # IMREAD_UNCHANGED keeps alpha and skips OpenCV's own EXIF handling.
     array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if array is None:
         raise ValueError("OpenCV could not decode the stream")
@@ -453,7 +460,7 @@ def _opencv_rgb(data: bytes, image_format: str) -> np.ndarray:
 def _vips_rgb(data: bytes, image_format: str) -> np.ndarray:
     img = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
     img = img.autorot()  # the EXIF orientation, as the reference applies it
-    return _vips_to_rgb(_vips_srgb(img))
+    return _vips_to_rgb(_vips_srgb(img)[0])
 
 
 _FALLBACK_DECODERS = {"pillow": _pillow_rgb, "opencv": _opencv_rgb, "vips": _vips_rgb}
@@ -473,7 +480,7 @@ def _prepare(img: ImageFile.ImageFile, image_format: str, spec: Preprocess, draf
     # draft() picks the largest DCT scale (1/2, 1/4, 1/8) that keeps both sides >= the
     # request; asking for a square of the scale size keeps the shorter side >= it.
     full_size = img.size
-    request = draft_request(spec)
+    request = spec.scale_size
     img.draft("RGB", (request, request))
     return "pillow-draft" if img.size != full_size else "pillow"
 
@@ -489,11 +496,7 @@ def _finish(
     recovered: bool,
 ) -> DecodeResult:
     decoded_fraction = _decoded_row_fraction(img) if recovered else 1.0
-    try:
-        oriented = ImageOps.exif_transpose(img)
-    except Exception:  # a damaged EXIF block should not lose a good image
-        oriented = img
-    rgb = np.asarray(to_rgb(oriented), dtype=np.uint8)
+    rgb, colour_from = _oriented_rgb(img)
     return _decoded(
         rgb,
         image_format,
@@ -503,7 +506,7 @@ def _finish(
         path=path,
         recovered=recovered,
         decoded_fraction=decoded_fraction,
-        colour_from=converted_profile(oriented.info.get("icc_profile")),
+        colour_from=colour_from,
     )
 
 
@@ -530,9 +533,9 @@ def _decode_png_vips(data: bytes, width: int, height: int, spec: Preprocess) -> 
     # fail_on="error" turns a damaged or cut stream into an exception instead of a
     # silently partial image.
     img = pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
-    colour_from = _vips_profile(img)
+    img, colour_from = _vips_srgb(img)
     return _decoded(
-        _vips_to_rgb(_vips_srgb(img)),
+        _vips_to_rgb(img),
         "png",
         width,
         height,
@@ -542,21 +545,19 @@ def _decode_png_vips(data: bytes, width: int, height: int, spec: Preprocess) -> 
     )
 
 
-def _vips_profile(img: pyvips.Image) -> str:
-    if not img.get_typeof("icc-profile-data"):
-        return ""
-    return converted_profile(bytes(img.get("icc-profile-data")))
-
-
-def _vips_srgb(img: pyvips.Image) -> pyvips.Image:
+def _vips_srgb(img: pyvips.Image) -> tuple[pyvips.Image, str]:
     """An embedded ICC profile converted to sRGB by libvips's littlecms, as
-    ``preprocess.to_srgb`` does on the Pillow path (perceptual intent, 8-bit out)."""
-    if not _vips_profile(img):
-        return img  # none, sRGB already, or unreadable: as preprocess.to_srgb decides
+    ``preprocess.to_srgb`` does on the Pillow path (perceptual intent, 8-bit out); and the
+    profile it was converted from ("": none, sRGB already, or unreadable)."""
+    if not img.get_typeof("icc-profile-data"):
+        return img, ""
+    colour_from = converted_profile(bytes(img.get("icc-profile-data")))
+    if not colour_from:
+        return img, ""
     try:
-        return img.icc_transform("srgb", intent="perceptual")
+        return img.icc_transform("srgb", intent="perceptual"), colour_from
     except pyvips.Error:
-        return img  # a profile littlecms cannot read: the pixels are taken as sRGB
+        return img, ""  # a profile littlecms cannot read: the pixels are taken as sRGB
 
 
 def _vips_to_rgb(img: pyvips.Image) -> np.ndarray:
@@ -592,18 +593,7 @@ def _is_simple_webp(data: bytes) -> bool:
 
 
 def _decode_webp_cv2(data: bytes, width: int, height: int, spec: Preprocess) -> DecodeResult:
-    # IMREAD_UNCHANGED keeps alpha and skips OpenCV's own EXIF handling (there is none here).
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if array is None:
-        raise ValueError("OpenCV could not decode the WebP stream")
-    if array.ndim == 3 and array.shape[2] == 4:
-        rgba = Image.fromarray(cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA))
-        rgb = np.asarray(to_rgb(rgba), dtype=np.uint8)
-    elif array.ndim == 3:
-        rgb = np.asarray(cv2.cvtColor(array, cv2.COLOR_BGR2RGB), dtype=np.uint8)
-    else:
-        rgb = _as_rgb(array)
-    return _decoded(np.ascontiguousarray(rgb), "webp", width, height, spec, path="opencv")
+    return _decoded(_opencv_rgb(data, "webp"), "webp", width, height, spec, path="opencv")
 
 
 def _decoded(

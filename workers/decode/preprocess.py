@@ -60,7 +60,6 @@ __all__ = [
     "Preprocess",
     "Resize",
     "converted_profile",
-    "draft_request",
     "plan",
     "reference_preprocess",
     "resize_and_crop",
@@ -232,9 +231,3 @@ def reference_preprocess(img: Image.Image, spec: Preprocess = DEFAULT_PREPROCESS
     oriented = ImageOps.exif_transpose(img)
     rgb = to_rgb(oriented)
     return resize_and_crop(np.asarray(rgb, dtype=np.uint8), spec)
-
-
-def draft_request(spec: Preprocess) -> int:
-    """The smallest square a shrink-on-load decode (JPEG DCT scaling) may go down to and
-    still leave the resize above it for ``spec``."""
-    return spec.scale_size

@@ -21,6 +21,7 @@ import torch
 from common.errors import ConfigError, Reason, TransientError
 from common.observability.logging import get_logger
 from workers.batcher import pad_rows, plan_chunks
+from workers.decode.types import Preprocess
 from workers.embed.backends import Backend, EngineOptions, TorchCpuBackend, open_backends
 from workers.embed.model import LoadedModel
 
@@ -132,7 +133,6 @@ class ModelEmbedder:
         self.loaded = loaded
         self.card = loaded.card
         self.model_id = loaded.model_id
-        self.preprocess = loaded.card.preprocess
         self.options = options or EngineOptions()
         try:
             self.device = torch.device(device)
@@ -171,6 +171,11 @@ class ModelEmbedder:
             output_dim=self.card.output_dim,
             preferred_batch_sizes=list(self.preferred_batch_sizes),
         )
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The pixels the model wants (its card's): what the decoders produce for it."""
+        return self.card.preprocess
 
     @property
     def dim(self) -> int:

@@ -33,7 +33,7 @@ from torch import nn
 
 from common.errors import ConfigError
 from workers.decode.preprocess import Interpolation, Preprocess
-from workers.embed.model import LoadedModel, card_hash, state_dict_sha256
+from workers.embed.model import LoadedModel, card_hash, probe_output_dim, state_dict_sha256
 from workers.embed.model_card import ModelCard
 
 __all__ = ["load_family"]
@@ -98,7 +98,7 @@ def load_family(spec: str, *, cache_dir: Path, offline: bool, weights: str) -> L
         module, preprocess, mean, std = loader(spec, name.strip(), cache_dir, offline, weights)
         module.eval()
         module.requires_grad_(False)
-        output_dim = _probe_output_dim(module, preprocess.size)
+        output_dim = probe_output_dim(module, preprocess.size)
     except ConfigError:
         raise
     except Exception as exc:  # a library's failure, reported in one line (start-up only)
@@ -598,15 +598,6 @@ def _triple(spec: str, what: str, values: Any) -> Triple:
     if len(numbers) != 3:
         raise ConfigError(f"model {spec}: {what} has {len(numbers)} channels, expected RGB (3)")
     return numbers[0], numbers[1], numbers[2]
-
-
-def _probe_output_dim(module: nn.Module, size: int) -> int:
-    with torch.inference_mode():
-        out = module(torch.zeros(1, 3, size, size))
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(f"model output is {shape}, expected [N, dim]")
-    return int(out.shape[1])
 
 
 def _one_line(exc: BaseException) -> str:

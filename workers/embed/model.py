@@ -37,7 +37,7 @@ from workers.embed.model_card import (
     ModelCard,
     card_path_for,
 )
-from workers.embed.model_sources import FAMILY_PREFIXES
+from workers.embed.model_sources import DEFAULT_ALIASES, FAMILY_PREFIXES, PLUMBING
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -52,8 +52,6 @@ __all__ = [
 ]
 
 DEFAULT_MODEL_NAME = "efficientnet-lite0-imagenet"
-DEFAULT_ALIASES = frozenset({"", "default", "efficientnet-lite0"})
-PLUMBING = "plumbing"
 _MODEL_ID_HASH_HEX_CHARS = 12
 _ONNX_SUFFIX = ".onnx"
 _TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript")
@@ -189,7 +187,7 @@ def _load_torchscript(path: Path) -> LoadedModel:
         card = ModelCard.load(card_path)
     else:
         # No card: ImageNet conventions, and ask the model itself how wide its output is.
-        card = ModelCard(path.stem, output_dim=_probe_output_dim(module, Preprocess().size))
+        card = ModelCard(path.stem, output_dim=probe_output_dim(module, Preprocess().size))
     onnx_twin = path.with_suffix(_ONNX_SUFFIX)
     return LoadedModel(
         module=module,
@@ -230,9 +228,11 @@ def _read_torchscript(path: Path) -> nn.Module:
     return module
 
 
-def _probe_output_dim(module: nn.Module, input_size: int) -> int:
+def probe_output_dim(module: nn.Module, input_size: int) -> int:
+    """The output width of ``module``, from one all-zero input of the card's size."""
     with torch.inference_mode():
         out = module(torch.zeros(1, 3, input_size, input_size))
-    if out.ndim != 2 or out.shape[0] != 1:
-        raise ConfigError(f"model output has shape {tuple(out.shape)}, expected [N, dim]")
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model output is {shape}, expected [N, dim]")
     return int(out.shape[1])

@@ -18,8 +18,9 @@ from common.observability.logging import get_logger
 from common.storage.s3_client import S3Endpoint, make_s3_client
 from workers.embed.model_card import CARD_SUFFIX
 
-# What load_model takes by name rather than as a file (workers/embed/model.py).
-NAMED_MODELS = frozenset({"default", "efficientnet-lite0", "plumbing"})
+# What load_model (workers/embed/model.py) takes by name rather than as a file.
+DEFAULT_ALIASES = frozenset({"", "default", "efficientnet-lite0"})
+PLUMBING = "plumbing"
 FAMILY_PREFIXES = ("timm:", "open_clip:", "hf:")
 
 _log = get_logger(__name__)
@@ -55,9 +56,7 @@ def resolve_model_path(
 ) -> str:
     """Model names ("default", "plumbing", timm:/open_clip:/hf: specs) and local paths pass
     through; s3:// is downloaded and its local path returned."""
-    if path in ("", "default"):
-        return "default"
-    if path in NAMED_MODELS or path.startswith(FAMILY_PREFIXES):
+    if path in DEFAULT_ALIASES or path == PLUMBING or path.startswith(FAMILY_PREFIXES):
         return path
     if not path.startswith("s3://"):
         local = Path(path).expanduser()

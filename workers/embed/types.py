@@ -18,8 +18,11 @@ class Embedder(Protocol):
 
     # Stored with every vector: vectors of different models never mix in one index.
     model_id: str
-    # The pixels the model wants; decoders produce them (workers.decode.preprocess).
-    preprocess: Preprocess
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The pixels the model wants; decoders produce them (workers.decode.preprocess)."""
+        ...
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 [N, dim], L2-normalised rows (called on a thread)."""
