@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 import common.defaults as defaults
 from common.errors import ConfigError
+from common.payload import FieldType, PayloadSchema
 
 
 class _Section(BaseModel):
@@ -346,6 +347,50 @@ class CmsConfig(_Section):
     publish_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class PayloadConfig(_Section):
+    """Catalogue attributes carried with each image into search (``common.payload``)."""
+
+    # name -> "string" | "bool" | "number"; e.g. {brand = "string", in_stock = "bool"}.
+    fields: dict[str, FieldType] = Field(default_factory=dict)
+    # field -> catalogue column (JSONL key / CSV header / Parquet column) where they differ.
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid(self) -> PayloadConfig:
+        PayloadSchema(self.fields)  # names and types; raises ValueError
+        unknown = sorted(set(self.columns) - set(self.fields))
+        if unknown:
+            raise ValueError(f"payload.columns names fields not in payload.fields: {unknown}")
+        return self
+
+    @property
+    def payload_schema(self) -> PayloadSchema:
+        return PayloadSchema(dict(self.fields))
+
+    def column_of(self, field: str) -> str:
+        return self.columns.get(field, field)
+
+
+class SearchConfig(_Section):
+    """The search server and the router (`imgfleet serve search`, `imgfleet serve router`)."""
+
+    # Below this many rows passing a filter in a shard, the shard is searched exactly over
+    # those rows (their stored vectors) instead of through its IVF lists: bench/search.py.
+    filter_exact_max_rows: int = Field(default=20_000, ge=0)
+    # Filters seen recently keep their per-shard FAISS ID selectors (a storefront repeats
+    # a handful of filters; building one for 250k ids takes ~50 ms).
+    selector_cache_entries: int = Field(default=64, ge=0)
+    max_queries_per_request: int = Field(default=256, ge=1)
+    # The router: shard-group base URLs, one per group ("http://search-0:8088", ...).
+    router_groups: list[str] = Field(default_factory=list)
+    router_timeout_s: float = Field(default=2.0, gt=0)
+    # A group that fails or misses the timeout: answer from the others flagged partial,
+    # or fail the request (503).
+    router_on_partial: Literal["answer", "fail"] = "answer"
+    router_host: str = "127.0.0.1"
+    router_port: int = Field(default=8089, ge=0, le=65535)
+
+
 class MetricsConfig(_Section):
     """Prometheus metrics and health endpoints, one HTTP listener per process."""
 
@@ -378,6 +423,8 @@ class Settings(BaseSettings):
     index: IndexConfig = IndexConfig()
     producer: ProducerConfig = ProducerConfig()
     cms: CmsConfig = CmsConfig()
+    payload: PayloadConfig = PayloadConfig()
+    search: SearchConfig = SearchConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 

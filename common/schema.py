@@ -65,6 +65,8 @@ class Job(BaseModel):
     lane: Lane = Lane.BULK
     created_at_s: float = Field(default_factory=time.time)
     etag: str | None = None
+    # Catalogue attributes for search (``common.payload``), already coerced by the producer.
+    payload: dict[str, str | bool | float] = Field(default_factory=dict, max_length=64)
     # Earlier dead-letterings, oldest first (requeued jobs keep why they failed before).
     history: tuple[FailureRecord, ...] = Field(default=(), max_length=MAX_HISTORY)
 

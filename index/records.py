@@ -104,6 +104,8 @@ def resolve_rows(
         etags=col["etags"][winners],
         last_modifieds=col["last_modifieds"][winners],
         run_ids=col["run_ids"][winners],
+        urls=col["urls"][winners],
+        payloads=col["payloads"][winners],
         vectors=np.where(col["tombstones"][winners][:, None], np.float16(0), vectors[winners]),
     )
     return rows, dim, {str(m) for m in col["model_ids"][live]}
@@ -120,5 +122,7 @@ def _selected(segment: SegmentData, mask: np.ndarray) -> dict[str, np.ndarray]:
         "etags": segment.etags[mask],
         "last_modifieds": segment.last_modifieds[mask],
         "run_ids": segment.run_ids[mask],
+        "urls": segment.urls[mask],
+        "payloads": segment.payloads[mask],
         "model_ids": segment.model_ids[mask],
     }

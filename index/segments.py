@@ -20,9 +20,10 @@ from common.storage.base import Storage
 from index.npz import pack_arrays, unpack_arrays
 from index.routing import shard_for
 
-SEGMENT_FORMAT_VERSION = 2
-# Version 1 segments lack the etag / last_modified / run_id columns; they read as "".
-_READABLE_FORMAT_VERSIONS = (1, 2)
+SEGMENT_FORMAT_VERSION = 3
+# Version 1 segments lack the etag / last_modified / run_id columns, version 2 the url and
+# payload columns; missing columns read as "".
+_READABLE_FORMAT_VERSIONS = (1, 2, 3)
 SEGMENTS_PREFIX = "segments/"
 SEGMENT_SUFFIX = ".seg"
 _MAX_IMAGE_ID = (1 << 63) - 1  # FAISS ids are signed int64
@@ -48,6 +49,10 @@ class VectorRecord:
     etag: str = ""
     last_modified: str = ""
     run_id: str = ""
+    # What search shows and filters on: the image URL and the catalogue attributes as
+    # ``common.payload.encode_payload`` text ("" for none).
+    url: str = ""
+    payload: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.image_id <= _MAX_IMAGE_ID:
@@ -89,6 +94,8 @@ class SegmentData:
     etags: np.ndarray  # unicode [n]; "" where unknown
     last_modifieds: np.ndarray  # unicode [n]
     run_ids: np.ndarray  # unicode [n]; "" for records outside a run
+    urls: np.ndarray  # unicode [n]; "" where unknown
+    payloads: np.ndarray  # unicode [n]; "" for no payload
 
     def __len__(self) -> int:
         return int(self.image_ids.shape[0])
@@ -109,6 +116,8 @@ class SegmentData:
                 etag=str(self.etags[i]),
                 last_modified=str(self.last_modifieds[i]),
                 run_id=str(self.run_ids[i]),
+                url=str(self.urls[i]),
+                payload=str(self.payloads[i]),
             )
 
 
@@ -136,6 +145,8 @@ def encode_segment(records: list[VectorRecord]) -> bytes:
             "etag": np.array([r.etag for r in records], dtype=np.str_),
             "last_modified": np.array([r.last_modified for r in records], dtype=np.str_),
             "run_id": np.array([r.run_id for r in records], dtype=np.str_),
+            "url": np.array([r.url for r in records], dtype=np.str_),
+            "payload": np.array([r.payload for r in records], dtype=np.str_),
         }
     )
 
@@ -162,6 +173,8 @@ def decode_segment(key: str, data: bytes) -> SegmentData:
         etags=arrays.get("etag", blank),
         last_modifieds=arrays.get("last_modified", blank),
         run_ids=arrays.get("run_id", blank),
+        urls=arrays.get("url", blank),
+        payloads=arrays.get("payload", blank),
     )
     columns = (
         segment.versions,
@@ -173,6 +186,8 @@ def decode_segment(key: str, data: bytes) -> SegmentData:
         segment.etags,
         segment.last_modifieds,
         segment.run_ids,
+        segment.urls,
+        segment.payloads,
     )
     if segment.vectors.ndim != 2 or any(col.shape[0] != n_rows for col in columns):
         raise ValueError(f"segment {key!r} has columns of different lengths")

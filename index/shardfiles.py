@@ -39,6 +39,21 @@ def text(value: bytes | np.bytes_ | str) -> str:
     return value if isinstance(value, str) else bytes(value).decode("utf-8")
 
 
+# Per-row string columns, by attribute name and stored name. ``url`` and ``payload`` (the
+# image's catalogue attributes as ``common.payload`` bytes) arrived with table format 3;
+# older tables read them as "".
+_TEXT_COLUMNS = (
+    ("item_ids", "item_id"),
+    ("content_hashes", "content_hash"),
+    ("etags", "etag"),
+    ("last_modifieds", "last_modified"),
+    ("run_ids", "run_id"),
+    ("urls", "url"),
+    ("payloads", "payload"),
+)
+_NUMERIC_COLUMNS = (("image_ids", "image_id"), ("versions", "version"), ("tombstones", "tombstone"))
+
+
 @dataclass(frozen=True)
 class ShardRows:
     """Column arrays sorted by ``image_ids`` (unique); row ``i`` of each is one image."""
@@ -52,6 +67,8 @@ class ShardRows:
     last_modifieds: np.ndarray  # S [n]
     run_ids: np.ndarray  # S [n]
     vectors: np.ndarray  # float16 [n, d] (zero rows for tombstones); may be a memmap
+    urls: np.ndarray  # S [n]
+    payloads: np.ndarray  # S [n]: encode_payload bytes, b"" for none
 
     def __len__(self) -> int:
         return int(self.image_ids.shape[0])
@@ -78,29 +95,11 @@ class ShardRows:
         return int(pos[0]) if bool(found[0]) else None
 
     def take(self, rows: np.ndarray) -> ShardRows:
-        return ShardRows(
-            image_ids=self.image_ids[rows],
-            versions=self.versions[rows],
-            tombstones=self.tombstones[rows],
-            item_ids=self.item_ids[rows],
-            content_hashes=self.content_hashes[rows],
-            etags=self.etags[rows],
-            last_modifieds=self.last_modifieds[rows],
-            run_ids=self.run_ids[rows],
-            vectors=np.asarray(self.vectors[rows]),
-        )
+        columns = {attr: getattr(self, attr)[rows] for attr, _ in _NUMERIC_COLUMNS + _TEXT_COLUMNS}
+        return ShardRows(**columns, vectors=np.asarray(self.vectors[rows]))
 
     def columns(self) -> dict[str, np.ndarray]:
-        return {
-            "image_id": self.image_ids,
-            "version": self.versions,
-            "tombstone": self.tombstones,
-            "item_id": self.item_ids,
-            "content_hash": self.content_hashes,
-            "etag": self.etags,
-            "last_modified": self.last_modifieds,
-            "run_id": self.run_ids,
-        }
+        return {name: getattr(self, attr) for attr, name in _NUMERIC_COLUMNS + _TEXT_COLUMNS}
 
 
 def empty_rows(dim: int) -> ShardRows:
@@ -109,11 +108,7 @@ def empty_rows(dim: int) -> ShardRows:
         image_ids=np.zeros(0, np.int64),
         versions=np.zeros(0, np.int64),
         tombstones=np.zeros(0, bool),
-        item_ids=blank,
-        content_hashes=blank,
-        etags=blank,
-        last_modifieds=blank,
-        run_ids=blank,
+        **{attr: blank for attr, _ in _TEXT_COLUMNS},
         vectors=np.zeros((0, dim), np.float16),
     )
 
@@ -123,24 +118,20 @@ def make_rows(
     image_ids: np.ndarray,
     versions: np.ndarray,
     tombstones: np.ndarray,
-    item_ids: np.ndarray,
-    content_hashes: np.ndarray,
-    etags: np.ndarray,
-    last_modifieds: np.ndarray,
-    run_ids: np.ndarray,
     vectors: np.ndarray,
+    **text_columns: np.ndarray,
 ) -> ShardRows:
-    """Rows from unsorted, unique-id columns (strings may be unicode or bytes)."""
+    """Rows from unsorted, unique-id columns (strings may be unicode or bytes); every
+    ``_TEXT_COLUMNS`` attribute is required."""
+    missing = sorted({a for a, _ in _TEXT_COLUMNS} - set(text_columns))
+    if missing:
+        raise TypeError(f"make_rows needs the columns {missing}")
     order = np.argsort(image_ids, kind="stable")
     return ShardRows(
         image_ids=np.asarray(image_ids, np.int64)[order],
         versions=np.asarray(versions, np.int64)[order],
         tombstones=np.asarray(tombstones, bool)[order],
-        item_ids=_as_bytes(item_ids[order]),
-        content_hashes=_as_bytes(content_hashes[order]),
-        etags=_as_bytes(etags[order]),
-        last_modifieds=_as_bytes(last_modifieds[order]),
-        run_ids=_as_bytes(run_ids[order]),
+        **{attr: _as_bytes(np.asarray(text_columns[attr])[order]) for attr, _ in _TEXT_COLUMNS},
         vectors=np.asarray(vectors, np.float16)[order],
     )
 
@@ -161,14 +152,10 @@ def merge_rows(base: ShardRows, delta: ShardRows) -> ShardRows:
         return v if v.shape[1] == dim else np.zeros((v.shape[0], dim), np.float16)
 
     return make_rows(
-        image_ids=np.concatenate([kept.image_ids, delta.image_ids]),
-        versions=np.concatenate([kept.versions, delta.versions]),
-        tombstones=np.concatenate([kept.tombstones, delta.tombstones]),
-        item_ids=np.concatenate([kept.item_ids, delta.item_ids]),
-        content_hashes=np.concatenate([kept.content_hashes, delta.content_hashes]),
-        etags=np.concatenate([kept.etags, delta.etags]),
-        last_modifieds=np.concatenate([kept.last_modifieds, delta.last_modifieds]),
-        run_ids=np.concatenate([kept.run_ids, delta.run_ids]),
+        **{
+            attr: np.concatenate([getattr(kept, attr), getattr(delta, attr)])
+            for attr, _ in _NUMERIC_COLUMNS + _TEXT_COLUMNS
+        },
         vectors=np.concatenate([widen(kept.vectors), widen(delta.vectors)]),
     )
 
@@ -200,11 +187,8 @@ def _decode_table(data: bytes, vectors: np.ndarray | None, dim: int) -> ShardRow
         versions=arrays["version"].astype(np.int64, copy=False),
         # Tables of the first format version hold live rows only.
         tombstones=arrays.get("tombstone", np.zeros(n, bool)).astype(bool, copy=False),
-        item_ids=_as_bytes(arrays["item_id"]),
-        content_hashes=_as_bytes(arrays.get("content_hash", blank)),
-        etags=_as_bytes(arrays.get("etag", blank)),
-        last_modifieds=_as_bytes(arrays.get("last_modified", blank)),
-        run_ids=_as_bytes(arrays.get("run_id", blank)),
+        # item_id is in every format; the others read as "" where a format lacks them.
+        **{attr: _as_bytes(arrays.get(name, blank)) for attr, name in _TEXT_COLUMNS},
         vectors=vectors,
     )
 

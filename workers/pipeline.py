@@ -41,6 +41,7 @@ from common.observability.health import Health
 from common.observability.logging import get_logger
 from common.observability.metrics import UNKNOWN_LANE, Metrics, default_metrics
 from common.observability.progress import Progress
+from common.payload import encode_payload
 from common.schema import Job, Op, decode_job
 from index.routing import shard_for
 from index.segments import SegmentWriter, VectorRecord
@@ -486,6 +487,8 @@ class Worker:
                         etag=item.etag,
                         last_modified=item.last_modified,
                         run_id=job.run_id,
+                        url=job.url or "",
+                        payload=encode_payload(job.payload).decode(),
                     )
                 )
                 if vector is None:
