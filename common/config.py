@@ -363,33 +363,6 @@ class PayloadConfig(_Section):
             raise ValueError(f"payload.columns names fields not in payload.fields: {unknown}")
         return self
 
-    @property
-    def payload_schema(self) -> PayloadSchema:
-        return PayloadSchema(dict(self.fields))
-
-    def column_of(self, field: str) -> str:
-        return self.columns.get(field, field)
-
-
-class SearchConfig(_Section):
-    """The search server and the router (`imgfleet serve search`, `imgfleet serve router`)."""
-
-    # Below this many rows passing a filter in a shard, the shard is searched exactly over
-    # those rows (their stored vectors) instead of through its IVF lists: bench/search.py.
-    filter_exact_max_rows: int = Field(default=20_000, ge=0)
-    # Filters seen recently keep their per-shard FAISS ID selectors (a storefront repeats
-    # a handful of filters; building one for 250k ids takes ~50 ms).
-    selector_cache_entries: int = Field(default=64, ge=0)
-    max_queries_per_request: int = Field(default=256, ge=1)
-    # The router: shard-group base URLs, one per group ("http://search-0:8088", ...).
-    router_groups: list[str] = Field(default_factory=list)
-    router_timeout_s: float = Field(default=2.0, gt=0)
-    # A group that fails or misses the timeout: answer from the others flagged partial,
-    # or fail the request (503).
-    router_on_partial: Literal["answer", "fail"] = "answer"
-    router_host: str = "127.0.0.1"
-    router_port: int = Field(default=8089, ge=0, le=65535)
-
 
 class MetricsConfig(_Section):
     """Prometheus metrics and health endpoints, one HTTP listener per process."""
@@ -424,7 +397,6 @@ class Settings(BaseSettings):
     producer: ProducerConfig = ProducerConfig()
     cms: CmsConfig = CmsConfig()
     payload: PayloadConfig = PayloadConfig()
-    search: SearchConfig = SearchConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -92,25 +92,6 @@ class PayloadSchema:
             raise PayloadError(f"{name}: expected a finite number, got {value!r}")
         return number
 
-    def coerce(self, values: Mapping[str, object]) -> dict[str, PayloadValue]:
-        """Every configured field that ``values`` gives, coerced; unknown names refused.
-
-        Raises one ``PayloadError`` listing every bad field.
-        """
-        out: dict[str, PayloadValue] = {}
-        problems: list[str] = []
-        for name, value in values.items():
-            try:
-                coerced = self.coerce_value(name, value)
-            except PayloadError as exc:
-                problems.append(str(exc))
-                continue
-            if coerced is not None:
-                out[name] = coerced
-        if problems:
-            raise PayloadError("; ".join(problems))
-        return out
-
 
 def _number_text(value: int | float) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
@@ -121,13 +102,3 @@ def encode_payload(payload: Payload | None) -> bytes:
     if not payload:
         return b""
     return orjson.dumps(dict(payload), option=orjson.OPT_SORT_KEYS)
-
-
-def decode_payload(data: bytes | str) -> dict[str, PayloadValue]:
-    """The mapping ``encode_payload`` wrote; {} for b"" (records written without one)."""
-    if not data:
-        return {}
-    value = orjson.loads(data)
-    if not isinstance(value, dict):
-        raise ValueError("a payload must be a JSON object")
-    return value

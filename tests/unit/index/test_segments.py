@@ -166,3 +166,28 @@ def test_record_validation(kwargs: dict[str, object], message: str) -> None:
 def test_writer_id_must_be_key_safe(storage: LocalStorage) -> None:
     with pytest.raises(ValueError, match="writer_id"):
         SegmentWriter(storage, n_shards=1, writer_id="a/b")
+
+
+def test_url_and_payload_survive_segment_and_shard_table(
+    storage: LocalStorage, make_record: RecordFactory
+) -> None:
+    from dataclasses import replace
+
+    from index.records import RecordFilter, resolve_rows
+    from index.shardfiles import encode_table, read_delta
+
+    record = replace(
+        make_record("item-7"), url="http://img.test/7.jpg", payload='{"brand":"acme","in_stock":false}'
+    )
+    storage.put("segments/shard-0000/00000000000000000001-w-000000.seg", encode_segment([record]))
+    (key,) = list_segments(storage)
+    (back,) = list(read_segment(storage, key).records())
+    assert (back.url, back.payload) == (record.url, record.payload)
+
+    rows, _, _ = resolve_rows(
+        [read_segment(storage, key)], 0, 1, None, RecordFilter(frozenset(), None)
+    )
+    storage.put("table.npz", encode_table(rows, with_vectors=True))
+    table = read_delta(storage, "table.npz", DIM)
+    assert table.urls.tolist() == [b"http://img.test/7.jpg"]
+    assert table.payloads.tolist() == [b'{"brand":"acme","in_stock":false}']
