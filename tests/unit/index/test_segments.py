@@ -176,11 +176,11 @@ def test_url_and_payload_survive_segment_and_shard_table(
     from index.records import RecordFilter, resolve_rows
     from index.shardfiles import encode_table, read_delta
 
-    record = replace(
-        make_record("item-7"), url="http://img.test/7.jpg", payload='{"brand":"acme","in_stock":false}'
-    )
-    storage.put("segments/shard-0000/00000000000000000001-w-000000.seg", encode_segment([record]))
-    (key,) = list_segments(storage)
+    payload = '{"brand":"acme","in_stock":false}'
+    record = replace(make_record("item-7"), url="http://img.test/7.jpg", payload=payload)
+    key = "segments/shard-0000/00000000000000000001-w-000000.seg"
+    storage.put(key, encode_segment([record]))
+    assert list_segments(storage) == [key]
     (back,) = list(read_segment(storage, key).records())
     assert (back.url, back.payload) == (record.url, record.payload)
 
